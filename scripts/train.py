@@ -1,0 +1,21 @@
+"""Train, select the best checkpoint on validation, test it: python scripts/train.py [overrides]."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from mnist_adder.cli import guarded
+from mnist_adder.train import train
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    guarded(train, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The LightningDataModule: MNIST images paired with a random number, batches of
+(image, number_onehot, label, sum_onehot)."""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from mnist_adder.data.batches import EvalBatches, TrainBatches, draw_numbers
+from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize
+from mnist_adder.errors import UserError
+
+
+class MnistSumDataModule(pl.LightningDataModule):
+    """MNIST held in memory as normalised tensors, split into train/val, with the test set kept apart.
+
+    The validation split and the validation/test numbers come from `split_seed` and `pair_seed`, not
+    from the run's `seed`: every run, whatever its seed, is selected and tested on the same pairs.
+    Training order and numbers come from `seed` (and the epoch, when `resample_numbers`).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 256,
+        eval_batch_size: int = 2000,
+        val_size: int = 5000,
+        download: bool = True,
+        resample_numbers: bool = True,
+        seed: int = 0,
+        split_seed: int = 0,
+        pair_seed: int = 1234,
+        on_device: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size = val_size
+        self.download, self.resample_numbers = download, resample_numbers
+        self.seed, self.split_seed, self.pair_seed = seed, split_seed, pair_seed
+        self.on_device = on_device
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._numbers: dict[str, torch.Tensor] = {}
+
+    def prepare_data(self) -> None:
+        ensure_mnist(self.data_dir, self.download)
+
+    def _device(self) -> torch.device:
+        # With the data on the accelerator a step is one gather, no host-to-device copy.
+        if self.on_device and self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def setup(self, stage: str | None = None) -> None:
+        device = self._device()
+        if stage in (None, "fit", "validate") and "train" not in self._splits:
+            images, labels = load_mnist(self.data_dir, train=True)
+            if not 0 < self.val_size < len(labels):
+                raise UserError(
+                    f"data.val_size={self.val_size} does not fit the {len(labels)} training images: "
+                    f"it must be at least 1 and less than {len(labels)}."
+                )
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            images = normalize(images)
+            self._splits["train"] = (images[train_idx].unsqueeze(1).to(device), labels[train_idx].to(device))
+            self._splits["val"] = (images[val_idx].unsqueeze(1).to(device), labels[val_idx].to(device))
+            self._numbers["val"] = draw_numbers(self.val_size, self.pair_seed + 1)
+        if stage in (None, "test") and "test" not in self._splits:
+            images, labels = load_mnist(self.data_dir, train=False)
+            self._splits["test"] = (normalize(images).unsqueeze(1).to(device), labels.to(device))
+            self._numbers["test"] = draw_numbers(len(labels), self.pair_seed)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
+
+    def train_dataloader(self) -> TrainBatches:
+        images, labels = self._splits["train"]
+        rank, world_size = self._rank_and_world()
+        return TrainBatches(
+            images,
+            labels,
+            self.batch_size,
+            seed=self.seed,
+            resample_numbers=self.resample_numbers,
+            epoch_fn=self._current_epoch if self.trainer is not None else None,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _eval_batches(self, split: str) -> EvalBatches:
+        images, labels = self._splits[split]
+        rank, world_size = self._rank_and_world()
+        return EvalBatches(images, labels, self._numbers[split], self.eval_batch_size, rank, world_size)
+
+    def val_dataloader(self) -> EvalBatches:
+        return self._eval_batches("val")
+
+    def test_dataloader(self) -> EvalBatches:
+        return self._eval_batches("test")

@@ -1,0 +1,43 @@
+"""Run results on disk (metrics.json, written atomically) and as a table for people."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TABLE_METRICS = ("digit_acc", "sum_acc", "both_acc", "sum_given_digit_acc", "loss")
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON so that a reader sees the old file or the whole new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_results(metrics: dict[str, Any], stage: str = "test") -> str:
+    """A short table of one stage's metrics: accuracies in percent, the loss as is."""
+    rows = []
+    for name in TABLE_METRICS:
+        value = metrics.get(f"{stage}/{name}")
+        if value is not None:
+            rows.append((f"{stage}/{name}", f"{value:.4f}" if name == "loss" else f"{100 * value:.2f} %"))
+    if metrics.get("num_parameters") is not None:
+        rows.append(("parameters", f"{metrics['num_parameters']:,}"))
+    if metrics.get("fit_seconds") is not None:
+        rows.append(("fit seconds", f"{metrics['fit_seconds']:.1f}"))
+    lines = [f"{'metric':<26}{'value':>10}", "-" * 36, *(f"{k:<26}{v:>10}" for k, v in rows)]
+    if metrics.get("ckpt_path"):
+        lines.append(f"checkpoint: {metrics['ckpt_path']}")
+    return "\n".join(lines)

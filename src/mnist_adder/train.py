@@ -1,0 +1,78 @@
+"""The training pipeline behind scripts/train.py: fit, select on validation, test the best checkpoint."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer
+
+from mnist_adder.results import format_results, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group that holds several objects (callbacks, loggers)."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(entry) for entry in group.values() if entry is not None]
+
+
+def _find(callbacks: list[Any], kind: type) -> Any:
+    return next((cb for cb in callbacks if isinstance(cb, kind)), None)
+
+
+def _choice(group: str) -> str | None:
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # a missing dataset stops the run here, before anything is built
+    module = hydra.utils.instantiate(cfg.model)
+    # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
+    module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    timer = _find(trainer.callbacks, Timer)
+    # Read now: testing a checkpoint reloads the Timer's state saved in it.
+    fit_seconds = round(timer.time_elapsed("train"), 3) if timer is not None else None
+
+    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    # fast_dev_run writes no checkpoint: test the weights in memory then.
+    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
+
+    results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
+    results |= {
+        "ckpt_path": best_path or None,
+        "best_val/both_acc": float(checkpoint.best_model_score)
+        if checkpoint is not None and checkpoint.best_model_score is not None
+        else None,
+        "fit_seconds": fit_seconds,
+        "num_parameters": sum(p.numel() for p in module.net.parameters()),
+        "model": _choice("model"),
+        "seed": cfg.seed,
+    }
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
+                module.hparams["config"],
+                metrics={k: v for k, v in results.items() if k.startswith("test/")},
+            )
+        write_json_atomic(output_dir / "metrics.json", results)
+        log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
+        log.info("Run folder: %s", output_dir)
+    return results

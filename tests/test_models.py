@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_seed_network_has_the_seeds_parameter_counts():
+    assert n_params(SeedBackbone()) == 7_840
+    assert n_params(SeedAdder()) == 14_003
+    assert n_params(DigitSumNet(SeedBackbone(), SeedAdder())) == 21_843
+
+
+def test_seed_backbone_layer_table():
+    """Output shape and parameters of every conv, as in ../shared/seed/architecture.md."""
+    expected = [  # (out C, H, W), conv params
+        ((10, 26, 26), 90),
+        ((10, 24, 24), 900),
+        ((15, 22, 22), 1_350),  # the table's 15x11x11 is after the MaxPool that follows
+        ((10, 11, 11), 150),
+        ((10, 9, 9), 900),
+        ((10, 7, 7), 900),
+        ((10, 5, 5), 900),
+        ((10, 1, 1), 2_500),
+    ]
+    backbone = SeedBackbone().eval()
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    shapes = []
+    hooks = [c.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:]))) for c in convs]
+    with torch.no_grad():
+        out = backbone(torch.zeros(2, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    assert [(s, n_params(c)) for s, c in zip(shapes, convs, strict=True)] == expected
+    assert all(c.bias is None for c in convs)
+    pools = [m for m in backbone.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 1 and out.shape == (2, 10)
+    bns = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [b.num_features for b in bns] == [10, 10, 15, 10, 10, 10, 10]
+    assert sum(isinstance(m, nn.Dropout) for m in backbone.modules()) == 6  # all but conv 3 and conv 8
+
+
+def test_seed_adder_layer_table():
+    linears = [m for m in SeedAdder().modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(20, 32), (32, 64), (64, 128), (128, 19)]
+    assert [n_params(m) for m in linears] == [672, 2_112, 8_320, 2_451]
+
+
+@pytest.mark.parametrize("adder_input", ["logits", "softmax", "detached"])
+def test_digit_sum_net_shapes(adder_input):
+    net = DigitSumNet(ConvBackbone(), MLPAdder(), adder_input=adder_input)
+    digit_logits, sum_logits = net(torch.randn(4, 1, 28, 28), torch.eye(10)[:4])
+    assert digit_logits.shape == (4, 10) and sum_logits.shape == (4, 19)
+
+
+def test_detached_adder_input_keeps_sum_loss_off_the_backbone():
+    for adder_input, reaches_backbone in [("softmax", True), ("detached", False)]:
+        net = DigitSumNet(ConvBackbone(), MLPAdder(), adder_input=adder_input)
+        _, sum_logits = net(torch.randn(4, 1, 28, 28), torch.eye(10)[:4])
+        sum_logits.sum().backward()
+        grad = net.backbone.head[-1].weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == reaches_backbone
+
+
+def test_unknown_adder_input_is_refused():
+    with pytest.raises(ValueError, match="adder_input"):
+        DigitSumNet(ConvBackbone(), MLPAdder(), adder_input="probs")

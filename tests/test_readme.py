@@ -1,0 +1,42 @@
+"""The README's commands stay true: its train commands compose, its scripts exist, CI runs its tests."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+COMMANDS = [
+    line.split("#")[0].strip()
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    for line in block.splitlines()
+    if line.strip().startswith("python scripts/")
+]
+TRAIN_RUNS = [c for c in COMMANDS if c.startswith("python scripts/train.py") and " -m " not in f"{c} "]
+
+
+def test_readme_lists_commands():
+    assert TRAIN_RUNS and "pytest" in README
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_script_the_readme_runs_exists(command):
+    assert (ROOT / shlex.split(command)[1]).is_file()
+
+
+@pytest.mark.parametrize("command", TRAIN_RUNS)
+def test_every_train_command_in_the_readme_composes(command, tmp_path):
+    overrides = [o for o in shlex.split(command)[2:] if not o.startswith("hydra.")]
+    cfg = compose_config(overrides, tmp_path)
+    assert cfg.model._target_ and cfg.trainer._target_
+
+
+def test_ci_runs_the_readme_test_command():
+    test_section = README.split("## Test", 1)[1]
+    command = re.search(r"```bash\n(.*?)\n```", test_section, flags=re.S).group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines
