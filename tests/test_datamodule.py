@@ -134,3 +134,20 @@ def test_missing_data_stops_the_cli_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert "train-images-idx3-ubyte" in result.stderr and "DATA_DIR" in result.stderr
+
+
+def test_augmentation_changes_training_images_only_and_is_reproducible(tiny_mnist):
+    from mnist_adder.data.augment import RandomAffine
+
+    plain = make_dm(tiny_mnist)
+    augmented = make_dm(tiny_mnist, augment=RandomAffine())
+    plain_batch, augmented_batch = (
+        next(iter(plain.train_dataloader())),
+        next(iter(augmented.train_dataloader())),
+    )
+    assert not torch.equal(plain_batch[0], augmented_batch[0])
+    for same in (1, 2, 3):  # number, label and sum are untouched
+        assert torch.equal(plain_batch[same], augmented_batch[same])
+    again = next(iter(make_dm(tiny_mnist, augment=RandomAffine()).train_dataloader()))
+    assert torch.equal(again[0], augmented_batch[0])
+    assert torch.equal(all_batches(plain.test_dataloader())[0], all_batches(augmented.test_dataloader())[0])

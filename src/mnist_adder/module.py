@@ -8,19 +8,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
 
 from mnist_adder.data.batches import Batch
+from mnist_adder.metrics import DigitSumMetrics
 from mnist_adder.models.digit_sum import DigitSumNet
 
 STAGES = ("train", "val", "test")
-METRICS = ("loss", "digit_loss", "sum_loss", "digit_acc", "sum_acc", "both_acc", "sum_given_digit_acc")
-
-
-def _stage_metrics() -> nn.ModuleDict:
-    # Every metric is a mean of per-sample values, so one cheap, DDP-aware kind does them all.
-    # nan_strategy="disable" skips a NaN check that would force a device sync on every step.
-    return nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in METRICS})
 
 
 class DigitSumModule(pl.LightningModule):
@@ -46,7 +39,7 @@ class DigitSumModule(pl.LightningModule):
         self.digit_weight, self.sum_weight = digit_weight, sum_weight
         self.scheduler_interval = scheduler_interval
         # Not named after the stages: nn.ModuleDict refuses the key "train" (it is a method).
-        self.stage_metrics = nn.ModuleDict({f"{stage}_metrics": _stage_metrics() for stage in STAGES})
+        self.stage_metrics = nn.ModuleDict({f"{stage}_metrics": DigitSumMetrics() for stage in STAGES})
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(image, number_onehot)
@@ -62,24 +55,9 @@ class DigitSumModule(pl.LightningModule):
         with torch.no_grad():
             digit_right = digit_logits.argmax(dim=-1) == label
             sum_right = sum_logits.argmax(dim=-1) == sum_label
-            metrics = self.stage_metrics[f"{stage}_metrics"]
-            batch_size = label.shape[0]
-            metrics["loss"].update(loss.detach(), batch_size)
-            metrics["digit_loss"].update(digit_loss.detach(), batch_size)
-            metrics["sum_loss"].update(sum_loss.detach(), batch_size)
-            metrics["digit_acc"].update(digit_right.float())
-            metrics["sum_acc"].update(sum_right.float())
-            metrics["both_acc"].update((digit_right & sum_right).float())
-            metrics["sum_given_digit_acc"].update(sum_right.float(), digit_right.float())
-            # Metric objects: Lightning computes (and syncs across processes) once per epoch.
-            self.log_dict(
-                {f"{stage}/{name}": metric for name, metric in metrics.items()},
-                on_step=False,
-                on_epoch=True,
-                batch_size=batch_size,
-            )
+            self.stage_metrics[f"{stage}_metrics"].update(loss, digit_loss, sum_loss, digit_right, sum_right)
         if stage == "train":
-            self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -90,6 +68,22 @@ class DigitSumModule(pl.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def _log_epoch(self, stage: str) -> None:
+        # Logged once per epoch from the accumulated sums: no per-step logging cost, and
+        # compute() has already reduced across processes.
+        metrics = self.stage_metrics[f"{stage}_metrics"]
+        self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()})
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

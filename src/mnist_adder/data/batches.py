@@ -46,8 +46,10 @@ class TrainBatches:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         self.images, self.labels = images, labels
+        self.augment = augment
         self.batch_size, self.seed = batch_size, seed
         self.resample_numbers = resample_numbers
         self.epoch_fn = epoch_fn
@@ -64,11 +66,14 @@ class TrainBatches:
             return per_rank // self.batch_size
         return -(-per_rank // self.batch_size)
 
+    def _epoch_seed(self, epoch: int) -> int:
+        return self.seed * 1_000_003 + epoch
+
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample indices of this rank in order, numbers paired with all samples) for an epoch."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
         order = torch.randperm(len(self.labels), generator=generator)
-        number_seed = self.seed * 1_000_003 + (epoch if self.resample_numbers else 0) + 500_009
+        number_seed = self._epoch_seed(epoch if self.resample_numbers else 0) + 500_009
         numbers = draw_numbers(len(self.labels), number_seed)
         per_rank = self._per_rank()
         order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
@@ -82,7 +87,12 @@ class TrainBatches:
         order, numbers = order.to(device), numbers.to(device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield make_batch(self.images[idx], self.labels[idx], numbers[idx])
+            images = self.images[idx]
+            if self.augment is not None:
+                # Seeded per (seed, epoch, batch, rank): any batch can be reproduced on its own.
+                seed = (self._epoch_seed(epoch) * 100_003 + i) * 64 + self.rank
+                images = self.augment(images, torch.Generator(device=device).manual_seed(seed))
+            yield make_batch(images, self.labels[idx], numbers[idx])
 
 
 class EvalBatches:

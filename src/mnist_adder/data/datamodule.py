@@ -1,6 +1,7 @@
 """The LightningDataModule: MNIST images paired with a random number, batches of
 (image, number_onehot, label, sum_onehot)."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -31,6 +32,7 @@ class MnistSumDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         pair_seed: int = 1234,
         on_device: bool = True,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -39,6 +41,7 @@ class MnistSumDataModule(pl.LightningDataModule):
         self.download, self.resample_numbers = download, resample_numbers
         self.seed, self.split_seed, self.pair_seed = seed, split_seed, pair_seed
         self.on_device = on_device
+        self.augment = augment
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._numbers: dict[str, torch.Tensor] = {}
 
@@ -91,6 +94,7 @@ class MnistSumDataModule(pl.LightningDataModule):
             epoch_fn=self._current_epoch if self.trainer is not None else None,
             rank=rank,
             world_size=world_size,
+            augment=self.augment,
         )
 
     def _eval_batches(self, split: str) -> EvalBatches:

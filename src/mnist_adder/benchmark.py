@@ -1,0 +1,189 @@
+"""Training throughput of the project's real path next to a bare PyTorch loop, per model.
+
+Both paths train the same model (built from the same config), with the same optimizer and schedule, on
+the same in-memory tensors, in the same process; they are measured alternately and the median of the
+repeats is reported, so slow drifts of the machine hit both alike.
+"""
+
+import contextlib
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose
+from omegaconf import DictConfig, open_dict
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from mnist_adder.data.batches import make_batch
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _StepClock(Callback):
+    """Time from the end of the last warm-up step to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= self.warmup:
+            _sync(pl_module.device)
+            now = time.perf_counter()
+            self.start = now if trainer.global_step == self.warmup else self.start
+            self.end = now
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def project_throughput(cfg: DictConfig, steps: int, warmup: int, log_dir: str) -> float:
+    """Images/s of Trainer + datamodule + module as scripts/train.py runs them, logging on."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.model)
+    clock = _StepClock(warmup)
+    with open_dict(cfg):
+        trainer_cfg = cfg.trainer.copy()
+        # Training steps only: validation is timed elsewhere and the max_steps end is mid-epoch.
+        trainer_cfg.update(
+            max_steps=warmup + steps,
+            max_epochs=-1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+    logger = TensorBoardLogger(log_dir, name="", version="")
+    trainer = hydra.utils.instantiate(trainer_cfg, callbacks=[clock], logger=logger)
+    trainer.fit(module, datamodule=datamodule)
+    return steps * cfg.data.batch_size / (clock.end - clock.start)
+
+
+def _random_batches(datamodule: Any, batch_size: int, device: torch.device) -> Iterator[tuple]:
+    images, labels = datamodule._splits["train"]
+    images, labels = images.to(device), labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    while True:
+        idx = torch.randint(0, len(labels), (batch_size,), device=device, generator=generator)
+        numbers = torch.randint(0, 10, (batch_size,), device=device, generator=generator)
+        x = images[idx]
+        if datamodule.augment is not None:
+            x = datamodule.augment(x, generator)
+        yield make_batch(x, labels[idx], numbers)
+
+
+def raw_throughput(cfg: DictConfig, steps: int, warmup: int, device: torch.device) -> float:
+    """Images/s of a bare loop: same net, optimizer, schedule, loss and tensors; no Lightning."""
+    datamodule = hydra.utils.instantiate(cfg.data, on_device=False)
+    datamodule.setup("fit")
+    module = hydra.utils.instantiate(cfg.model)
+    net = module.net.to(device).train()
+    optimizer = module.optimizer_factory(params=net.parameters())
+    scheduler = module.scheduler_factory(optimizer=optimizer, total_steps=warmup + steps + 1)
+    batches = _random_batches(datamodule, cfg.data.batch_size, device)
+    start = 0.0
+    for step in range(warmup + steps + 1):
+        if step == warmup + 1:
+            _sync(device)
+            start = time.perf_counter()
+        image, number_onehot, label, sum_onehot = next(batches)
+        with _autocast(device, str(cfg.trainer.precision)):
+            digit_logits, sum_logits = net(image, number_onehot)
+            loss = module.digit_weight * F.cross_entropy(digit_logits, label) + module.sum_weight * (
+                F.cross_entropy(sum_logits, sum_onehot.argmax(dim=-1))
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    _sync(device)
+    return steps * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Measure every model in cfg.models; print a table or JSON lines; return the rows."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    rows = []
+    device_name = None
+    for model in cfg.models:
+        run_cfg = compose(
+            config_name="train",
+            overrides=[
+                f"model={model}",
+                f"trainer={cfg.trainer}",
+                f"paths.data_dir={cfg.paths.data_dir}",
+                *cfg.get("overrides", []),
+            ],
+        )
+        with open_dict(run_cfg):
+            run_cfg.paths.output_dir = cfg.paths.output_dir
+        pl.seed_everything(0, workers=True, verbose=False)
+        project, raw = [], []
+        for _ in range(cfg.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                project.append(project_throughput(run_cfg.copy(), cfg.steps, cfg.warmup, tmp))
+            device = _device_of(run_cfg)
+            raw.append(raw_throughput(run_cfg.copy(), cfg.steps, cfg.warmup, device))
+        device_name = _describe(device)
+        module = hydra.utils.instantiate(run_cfg.model)
+        row = {
+            "model": model,
+            "device": device_name,
+            "batch_size": int(run_cfg.data.batch_size),
+            "params": sum(p.numel() for p in module.net.parameters()),
+            "project_img_s": round(statistics.median(project), 1),
+            "raw_img_s": round(statistics.median(raw), 1),
+        }
+        row["ratio"] = round(row["project_img_s"] / row["raw_img_s"], 3)
+        rows.append(row)
+        if cfg.format == "json":
+            print(json.dumps({k: row[k] for k in ("model", "project_img_s", "raw_img_s", "ratio", "device")}))
+    if cfg.format != "json":
+        print(format_table(rows, cfg))
+    return rows
+
+
+def _device_of(cfg: DictConfig) -> torch.device:
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(rows: list[dict[str, Any]], cfg: DictConfig) -> str:
+    lines = [
+        f"device: {rows[0]['device'] if rows else '-'}; {cfg.steps} timed steps after {cfg.warmup} warm-up, "
+        f"median of {cfg.repeats} alternating repeats",
+        f"{'model':<8}{'params':>9}{'batch':>7}{'project img/s':>15}{'raw img/s':>12}{'ratio':>8}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<8}{r['params']:>9,}{r['batch_size']:>7}{r['project_img_s']:>15,.0f}"
+            f"{r['raw_img_s']:>12,.0f}{r['ratio']:>8.3f}"
+        )
+    return "\n".join(lines)
