@@ -17,10 +17,25 @@ STAGES = ("train", "val", "test")
 METRICS = ("loss", "digit_loss", "sum_loss", "digit_acc", "sum_acc", "both_acc", "sum_given_digit_acc")
 
 
+class _WeightedMean(MeanMetric):
+    """MeanMetric's weighted mean without its NaN check, which would force a device sync on every step.
+
+    MeanMetric itself cannot skip the check: with nan_strategy="disable" torchmetrics 1.9 drops the weights
+    (every batch's loss would count alike, and sum_given_digit_acc would be plain sum_acc).
+    """
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor | float = 1.0) -> None:
+        value = value.to(self.dtype)
+        weight = torch.broadcast_to(
+            torch.as_tensor(weight, dtype=self.dtype, device=value.device), value.shape
+        )
+        self.mean_value += (value * weight).sum()
+        self.weight += weight.sum()
+
+
 def _stage_metrics() -> nn.ModuleDict:
-    # Every metric is a mean of per-sample values, so one cheap, DDP-aware kind does them all.
-    # nan_strategy="disable" skips a NaN check that would force a device sync on every step.
-    return nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in METRICS})
+    # Every metric is a weighted mean of per-sample values, so one cheap, DDP-aware kind does them all.
+    return nn.ModuleDict({name: _WeightedMean() for name in METRICS})
 
 
 class DigitSumModule(pl.LightningModule):
