@@ -9,12 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded
-from mnist_adder.train import train
+from mnist_adder.sweep import train_and_score
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    guarded(train, cfg)
+def main(cfg: DictConfig) -> float | None:
+    # A sweeper (hparams_search=...) optimises what this returns: cfg.optimized_metric of the run.
+    return guarded(train_and_score, cfg)
 
 
 if __name__ == "__main__":

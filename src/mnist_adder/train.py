@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 
 from mnist_adder.results import format_results, write_json_atomic
+from mnist_adder.scaleout import check_process_launch
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_process_launch(trainer)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     timer = _find(trainer.callbacks, Timer)

@@ -1,0 +1,267 @@
+"""Sweep results as one table: per configuration, mean and std over seeds (scripts/report.py).
+
+A job is a folder with `.hydra/overrides.yaml` (Hydra writes it when the job starts). Its configuration is
+its overrides less `seed=...` (or, with --group-by, the values of the keys named). A job counts in the
+means when it has metrics.json and did not fail; the others are listed with what went wrong.
+"""
+
+import argparse
+import csv
+import io
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mnist_adder.errors import UserError
+from mnist_adder.jobs import read_job_status
+
+# (metrics.json key, column title, shown in percent)
+COLUMNS = (
+    ("test/digit_acc", "digit acc %", True),
+    ("test/sum_acc", "sum acc %", True),
+    ("test/both_acc", "both acc %", True),
+    ("test/sum_given_digit_acc", "sum given digit %", True),
+    ("num_parameters", "parameters", False),
+    ("fit_seconds", "fit s", False),
+)
+SEED_KEY = "seed"
+MISSING = "no metrics.json"
+
+
+@dataclass
+class Job:
+    path: Path
+    overrides: list[str]
+    metrics: dict[str, Any] | None
+    status: str  # "completed", "failed" or MISSING
+    error: str | None = None
+
+    @property
+    def seed(self) -> str | None:
+        # metrics.json has the seed the run used, also when it was the config's default.
+        if self.metrics is not None and self.metrics.get(SEED_KEY) is not None:
+            return str(self.metrics[SEED_KEY])
+        return override_dict(self.overrides).get(SEED_KEY)
+
+
+@dataclass
+class Group:
+    label: str
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def completed(self) -> list[Job]:
+        return [job for job in self.jobs if job.status == "completed"]
+
+
+def override_key(override: str) -> str:
+    """`model.optimizer.lr` of `model.optimizer.lr=0.01` (also of `+key=...`, `++key=...`, `~key`)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_dict(overrides: Sequence[str]) -> dict[str, str]:
+    return {override_key(o): o.split("=", 1)[1] if "=" in o else "" for o in overrides}
+
+
+def _job_order(path: Path) -> tuple[Any, ...]:
+    # Multirun job folders are numbered: 2 before 10.
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
+
+
+def read_job(job_dir: Path) -> Job:
+    overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    status = read_job_status(job_dir)
+    metrics_path = job_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    if status is not None and status.get("status") == "FAILED":
+        return Job(job_dir, overrides, None, "failed", status.get("error"))
+    if metrics is None:
+        return Job(job_dir, overrides, None, MISSING)
+    return Job(job_dir, overrides, metrics, "completed")
+
+
+def find_jobs(folder: Path) -> list[Job]:
+    """Every job under `folder` (a multirun folder, a single run, or a folder of either)."""
+    if not folder.is_dir():
+        raise UserError(
+            f"{folder} is not a folder: pass a multirun folder such as logs/train/multiruns/<date_time>."
+        )
+    job_dirs = sorted({p.parent.parent for p in folder.glob("**/.hydra/overrides.yaml")}, key=_job_order)
+    if not job_dirs:
+        raise UserError(
+            f"no runs in {folder}: a run folder holds .hydra/overrides.yaml. Pass the folder of a sweep "
+            "(python scripts/train.py -m ... writes logs/train/multiruns/<date_time>/<n>/) or of a run."
+        )
+    return [read_job(job_dir) for job_dir in job_dirs]
+
+
+def group_jobs(jobs: Sequence[Job], group_by: Sequence[str] | None = None) -> list[Group]:
+    """Groups in order of first appearance. Default: by all overrides but seed; else by the keys named."""
+    if group_by:
+        known = {override_key(o) for job in jobs for o in job.overrides}
+        unknown = [key for key in group_by if key not in known]
+        if unknown:
+            raise UserError(
+                f"--group-by {' '.join(unknown)}: no job overrides that; the overridden keys are "
+                f"{', '.join(sorted(known)) or '(none)'}."
+            )
+
+        def key_of(job: Job) -> tuple[str, ...]:
+            values = override_dict(job.overrides)
+            return tuple(f"{key}={values.get(key, '(default)')}" for key in group_by)
+
+    else:
+        # Overrides every job shares say nothing about the difference between configurations.
+        shared = set.intersection(*(set(job.overrides) for job in jobs))
+
+        def key_of(job: Job) -> tuple[str, ...]:
+            return tuple(o for o in job.overrides if override_key(o) != SEED_KEY and o not in shared)
+
+    unnamed = "(shared overrides)" if shared_overrides(jobs) else "(defaults)"
+    groups: dict[tuple[str, ...], Group] = {}
+    for job in jobs:
+        key = key_of(job)
+        groups.setdefault(key, Group(" ".join(key) or unnamed)).jobs.append(job)
+    return list(groups.values())
+
+
+def shared_overrides(jobs: Sequence[Job]) -> list[str]:
+    """The overrides (seed aside) that every job has, in the first job's order."""
+    shared = set.intersection(*(set(job.overrides) for job in jobs))
+    return [o for o in jobs[0].overrides if o in shared and override_key(o) != SEED_KEY]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); the std needs two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(group: Group) -> dict[str, Any]:
+    """One row: runs, seeds, failed/missing counts, and (mean, std) per column."""
+    done = group.completed
+    row: dict[str, Any] = {
+        "configuration": group.label,
+        "runs": len(done),
+        "seeds": [job.seed or "-" for job in done],
+        "failed": sum(job.status == "failed" for job in group.jobs),
+        "missing": sum(job.status == MISSING for job in group.jobs),
+    }
+    for key, _, _ in COLUMNS:
+        values = [float(job.metrics[key]) for job in done if job.metrics.get(key) is not None]
+        row[key] = mean_std(values)
+    return row
+
+
+def _cell(stats: tuple[float | None, float | None], percent: bool, key: str) -> str:
+    mean, std = stats
+    if mean is None:
+        return "-"
+    scale, fmt = (100.0, "{:.2f}") if percent else (1.0, "{:,.0f}" if key == "num_parameters" else "{:.1f}")
+    text = fmt.format(scale * mean)
+    # Every seed of a configuration has the same parameter count: no column of "± 0" for it.
+    if std is None or (key == "num_parameters" and std == 0):
+        return text
+    return f"{text} ± {fmt.format(scale * std)}"
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    header = ["configuration", "runs", "seeds", *(title for _, title, _ in COLUMNS), "failed", "no metrics"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            f"`{row['configuration']}`",
+            str(row["runs"]),
+            ",".join(row["seeds"]) or "-",
+            *(_cell(row[key], percent, key) for key, _, percent in COLUMNS),
+            str(row["failed"]),
+            str(row["missing"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    stat_columns = [f"{key}_{stat}" for key, _, _ in COLUMNS for stat in ("mean", "std")]
+    writer.writerow(["configuration", "runs", "seeds", *stat_columns, "failed", "no_metrics"])
+    for row in rows:
+        stats = [("" if v is None else v) for key, _, _ in COLUMNS for v in row[key]]
+        writer.writerow(
+            [row["configuration"], row["runs"], " ".join(row["seeds"]), *stats, row["failed"], row["missing"]]
+        )
+    return out.getvalue().rstrip("\n")
+
+
+def unfinished(jobs: Sequence[Job]) -> list[str]:
+    """One line per job that did not finish: its folder, overrides and what went wrong."""
+    lines = []
+    for job in jobs:
+        if job.status == "completed":
+            continue
+        why = (
+            f"failed: {job.error}"
+            if job.status == "failed"
+            else f"{MISSING} (still running, killed, or crashed)"
+        )
+        lines.append(f"- {job.path} [{' '.join(job.overrides)}]: {why}")
+    return lines
+
+
+def search_results(folder: Path) -> str | None:
+    """The Optuna sweeper's summary of a search folder, if it is one."""
+    path = folder / "optimization_results.yaml"
+    if not path.is_file():
+        return None
+    results = OmegaConf.to_container(OmegaConf.load(path))
+    params = " ".join(f"{k}={v}" for k, v in results.get("best_params", {}).items())
+    return f"search {folder}: best value {results.get('best_value')} with {params}"
+
+
+def build_report(
+    folders: Sequence[Path], fmt: str = "markdown", group_by: Sequence[str] | None = None
+) -> tuple[str, str]:
+    """(report for stdout, notes for stderr): the table, and in markdown the context around it."""
+    jobs = [job for folder in folders for job in find_jobs(Path(folder))]
+    rows = [summarize(group) for group in group_jobs(jobs, group_by)]
+    problems = unfinished(jobs)
+    if fmt == "csv":
+        # stdout stays a clean CSV; what a reader must still know goes to stderr.
+        notes = [f"{len(problems)} job(s) without results:", *problems] if problems else []
+        return format_csv(rows), "\n".join(notes)
+    parts = [f"Runs in {', '.join(str(f) for f in folders)}: {len(jobs)} job(s)."]
+    shared = shared_overrides(jobs)
+    if shared and not group_by:
+        parts.append(f"Shared by all: `{' '.join(shared)}`.")
+    parts.append("Test metrics from each run's metrics.json; mean ± std over seeds (sample std).\n")
+    parts.append(format_markdown(rows))
+    if problems:
+        parts.append(f"\nJobs without results ({len(problems)}):")
+        parts.extend(problems)
+    parts.extend(line for folder in folders if (line := search_results(Path(folder))))
+    return "\n".join(parts), ""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/report.py",
+        description="Mean and std over seeds of every configuration in one or more sweep folders.",
+    )
+    parser.add_argument(
+        "folders", nargs="+", type=Path, help="multirun folders (logs/train/multiruns/<date_time>)"
+    )
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="table format")
+    parser.add_argument(
+        "--group-by",
+        nargs="+",
+        metavar="KEY",
+        help="group by these override keys only (e.g. model); default: every override but seed",
+    )
+    return parser.parse_args(argv)

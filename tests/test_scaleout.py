@@ -1,0 +1,144 @@
+"""Scale-out: DDP through scripts/train.py (2 CPU processes, gloo) and the launcher and search configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mnist_adder.data.batches import EvalBatches
+from mnist_adder.errors import UserError
+from mnist_adder.scaleout import check_process_launch
+from mnist_adder.train import instantiate_group
+
+from conftest import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    """The config with its hydra node (launcher, sweeper), as a multirun would see it."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def rebuild(ckpt_path: Path) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """Model and datamodule from the config stored in the checkpoint, with its weights."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    config = checkpoint["hyper_parameters"]["config"]
+    module = hydra.utils.instantiate(config["model"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval(), hydra.utils.instantiate(config["data"])
+
+
+def test_ddp_cpu_trains_in_one_folder_and_reduces_test_metrics_over_both_processes(tiny_mnist, tmp_path):
+    log_dir = tmp_path / "logs"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train.py",
+            "trainer=ddp_cpu",
+            f"paths.data_dir={tiny_mnist}",
+            f"paths.log_dir={log_dir}",  # the default run folder pattern, with its timestamp
+            "data.val_size=50",
+            "data.batch_size=50",
+            "data.eval_batch_size=40",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # the second process really ran
+
+    # Rank 1 re-ran the script into the same folder: one run folder, one config, one metrics.json.
+    runs = list((log_dir / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert [p.relative_to(log_dir) for p in log_dir.rglob(".hydra")] == [run.relative_to(log_dir) / ".hydra"]
+    assert [p.name for p in log_dir.rglob("metrics.json")] == ["metrics.json"]
+    assert output.count("Results (MNIST test set") == 1  # printed by rank zero only
+    assert (run / "train_ddp_process_1.log").is_file()
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and Path(metrics["ckpt_path"]).name in checkpoints
+    assert len(checkpoints) == 2  # last and best, each written once
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1  # all from one process (pid)
+
+    # The same checkpoint tested by one process on the whole test set gives the DDP run's numbers:
+    # each rank saw half the test set, so they were reduced over both processes.
+    module, datamodule = rebuild(Path(metrics["ckpt_path"]))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    for key, value in single.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+    # ...and differ from what rank zero's half alone gives, so the check above can fail.
+    images, labels = datamodule._splits["test"]
+    half = EvalBatches(images, labels, datamodule._numbers["test"], 1000, rank=0, world_size=2)
+    with torch.no_grad():
+        image, number_onehot, label, sum_onehot = next(iter(half))
+        digit_logits, sum_logits = module(image, number_onehot)
+        half_loss = F.cross_entropy(digit_logits, label) + F.cross_entropy(sum_logits, sum_onehot.argmax(1))
+    assert len(label) == len(labels) // 2
+    assert float(half_loss) != pytest.approx(metrics["test/loss"], abs=1e-4)
+
+
+def test_ddp_that_relaunches_the_script_is_refused_in_a_multirun(make_cfg):
+    cfg = compose_with_hydra(["trainer=ddp_cpu", "hydra.mode=MULTIRUN"])
+    hydra.core.hydra_config.HydraConfig().set_config(cfg)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(None), logger=False)
+    with pytest.raises(UserError, match="re-running the command line"):
+        check_process_launch(trainer)
+    single = hydra.utils.instantiate(make_cfg(["trainer=cpu"]).trainer, logger=False)
+    check_process_launch(single)  # one process: nothing to re-launch
+
+
+def test_gpu_ddp_config_syncs_batchnorm_on_every_gpu(make_cfg):
+    trainer = make_cfg(["trainer=ddp"]).trainer
+    assert (trainer.strategy, trainer.devices, trainer.sync_batchnorm) == ("ddp", -1, True)
+    assert trainer.accelerator == "gpu" and trainer.num_nodes == 1
+
+
+def test_hparams_search_config_optimises_validation_with_optuna():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the sweep extra")
+    cfg = compose_with_hydra(["hparams_search=small_optuna"])
+    assert cfg.optimized_metric == "best_val/both_acc"
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {
+        "model.optimizer.lr",
+        "data.batch_size",
+        "model.sum_weight",
+        "model.net.backbone.channels",
+    }
+    assert compose_with_hydra([]).optimized_metric is None  # a plain run optimises nothing
+
+
+def test_slurm_launcher_config_follows_the_trainer():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
+    cfg = compose_with_hydra(
+        ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=4"]
+    )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+
+
+def test_joblib_launcher_config_runs_jobs_in_parallel():
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs the joblib extra")
+    launcher = compose_with_hydra(["hydra/launcher=local_parallel"]).hydra.launcher
+    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
