@@ -33,6 +33,12 @@ class TrainBatches:
 
     The order and the numbers of epoch e come from (seed, e) alone, so a resumed run sees exactly the
     batches it would have seen, and every DDP rank shares one permutation and takes its own slice.
+
+    Resuming mid-epoch: `state_dict()` is (epoch, batches already trained in it), an epoch trained to
+    its end counting as (next epoch, 0); after `load_state_dict`, the next pass is that epoch, without
+    the batches already done. `progress_fn` gives that pair as the trainer counts it (Lightning
+    fetches one batch ahead, so the batches handed out are one more than those trained); without it,
+    the batches handed out count.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class TrainBatches:
         seed: int,
         resample_numbers: bool = True,
         epoch_fn: Callable[[], int] | None = None,
+        progress_fn: Callable[[], tuple[int, int]] | None = None,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
@@ -50,10 +57,12 @@ class TrainBatches:
         self.images, self.labels = images, labels
         self.batch_size, self.seed = batch_size, seed
         self.resample_numbers = resample_numbers
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.progress_fn = epoch_fn, progress_fn
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
         self._epochs_iterated = 0
+        self._epoch, self._handed_out = 0, 0
+        self._resume_at: tuple[int, int] | None = None
 
     def _per_rank(self) -> int:
         return len(self.labels) // self.world_size
@@ -74,14 +83,35 @@ class TrainBatches:
         order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         return order, numbers
 
+    def state_dict(self) -> dict[str, int]:
+        if self.progress_fn is not None:
+            epoch, done = self.progress_fn()
+        elif self._handed_out >= len(self):
+            epoch, done = self._epoch + 1, 0
+        else:
+            epoch, done = self._epoch, self._handed_out
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._epochs_iterated
-        self._epochs_iterated += 1
+        if self._resume_at is not None:
+            # The epoch comes from the checkpoint: Lightning may start this pass before it has
+            # restored its own epoch counter.
+            epoch, start = self._resume_at
+            self._resume_at = None
+        else:
+            epoch = self.epoch_fn() if self.epoch_fn is not None else self._epochs_iterated
+            start = 0
+        self._epochs_iterated = epoch + 1
+        self._epoch, self._handed_out = epoch, start
         order, numbers = self.epoch_order(epoch)
         device = self.images.device
         order, numbers = order.to(device), numbers.to(device)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            self._handed_out = i + 1
             yield make_batch(self.images[idx], self.labels[idx], numbers[idx])
 
 
