@@ -84,6 +84,14 @@ def test_the_default_config_passes(make_cfg):
     check_config(make_cfg())
 
 
+def test_a_checkpoint_to_resume_that_is_not_there(make_cfg, tmp_path):
+    with pytest.raises(UserError, match=r"ckpt_path=.*nothing.ckpt is not a file"):
+        train(make_cfg([f"ckpt_path={tmp_path / 'nothing.ckpt'}"]))
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read as a checkpoint"):
+        train(make_cfg([f"ckpt_path={tmp_path / 'text.ckpt'}"]))
+
+
 def test_val_split_as_large_as_the_training_set_stops_before_training(make_cfg, tiny_mnist, tmp_path):
     # The training-set size is known only once MNIST is read: checked there, by the same helper.
     with pytest.raises(UserError) as err:

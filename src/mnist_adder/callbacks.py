@@ -73,6 +73,21 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+class FlushLoggers(Callback):
+    """Write the loggers' queued events to disk with every checkpoint.
+
+    TensorBoard buffers events (up to 10, or 2 minutes); a run killed outright loses the buffer. With
+    this, the curves on disk reach (nearly) as far as the checkpoint a resumed run continues from: only
+    the point logged for the step that completed the checkpoint, written just after it, can be lost.
+    """
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
 class RandomState(Callback):
     """Save torch's random generators (CPU, and the current GPU's) in every checkpoint; restore them
     when training resumes, so dropout after a resume draws exactly what an uninterrupted run would."""
@@ -161,7 +176,7 @@ class NonFiniteLossGuard(Callback):
             f"the training loss became non-finite (NaN or inf) at epoch {epoch}, step {step} "
             f"(batch {batch_idx} of that epoch; counted from 0, as on TensorBoard); training stopped. "
             f"{_kept_checkpoint(trainer)} Lower the learning rate (model.optimizer.lr) or clip the "
-            "gradients (trainer.gradient_clip_val=1.0), then train again or resume from that checkpoint."
+            "gradients (trainer.gradient_clip_val=1.0) and train again."
         )
 
 

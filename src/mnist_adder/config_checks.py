@@ -3,13 +3,15 @@
 Every check names the key, the value given and what is allowed, so a typo never costs a run. Keys a
 config does not have are skipped, so the eval and predict entry points can call `check_config` too.
 The training-set size is only known once MNIST is read, so the datamodule calls `check_val_size` again
-then, with that size.
+then, with that size. `check_resume` checks a `ckpt_path` to resume from against the config.
 """
 
 import math
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.errors import UserError
@@ -86,3 +88,82 @@ def check_config(cfg: DictConfig) -> None:
     problems = config_problems(cfg)
     if problems:
         raise UserError("; ".join(problems) + ".")
+
+
+# What a resumed run must share with the run that saved its checkpoint: the model and its optimizer,
+# the training data and pairing, the seed, and what sizes the one-cycle schedule (its length is in
+# the checkpoint, and stepping past it is an error). Paths, logging, callbacks and evaluation may change.
+RESUME_KEYS = (
+    "seed",
+    "model",
+    "data",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.limit_train_batches",
+    "trainer.accumulate_grad_batches",
+)
+RESUME_FREE_KEYS = frozenset({"data.data_dir", "data.download", "data.on_device", "data.eval_batch_size"})
+
+
+def _flatten(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _flatten(item, f"{key}.{name}").items()}
+    return {key: value}
+
+
+def _values(config: DictConfig | dict, key: str) -> dict[str, Any]:
+    if isinstance(config, DictConfig):
+        value = OmegaConf.select(config, key, default=None)
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    else:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    return {k: v for k, v in _flatten(value, key).items() if k not in RESUME_FREE_KEYS}
+
+
+def resume_problems(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
+    """How `cfg` differs from `saved`, the config stored in the checkpoint, where a resume needs the same."""
+    problems = []
+    for key in RESUME_KEYS:
+        here, there = _values(cfg, key), _values(saved, key)
+        for name in sorted(set(here) | set(there)):
+            if here.get(name) != there.get(name):
+                problems.append(f"{name} is {there.get(name)!r} there, {here.get(name)!r} here")
+    return problems
+
+
+def _original_overrides(ckpt_path: Path) -> str | None:
+    overrides = ckpt_path.resolve().parent.parent / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return None
+    saved = OmegaConf.load(overrides)
+    return " ".join(str(o) for o in saved if not str(o).startswith(("ckpt_path=", "hydra.")))
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """If `cfg.ckpt_path` is set: a UserError unless it is a readable checkpoint of a run with this config."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(
+            f"ckpt_path={ckpt_path} is not a file: give the checkpoint to resume from, "
+            "e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt."
+        )
+    try:  # mmap: the weights are not read, only the config
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise UserError(
+            f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({type(err).__name__}: {err})."
+        ) from err
+    saved = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
+    problems = resume_problems(cfg, saved) if saved else []
+    if problems:
+        original = _original_overrides(path)
+        hint = f" That run's overrides were: {original or '(none)'}." if original is not None else ""
+        raise UserError(
+            f"ckpt_path={ckpt_path} was saved by a run with another config, and a resumed run must train "
+            f"the same: {'; '.join(problems)}. Resume with the overrides of that run.{hint}"
+        )

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from pytorch_lightning.utilities import rank_zero_only
+
 from mnist_adder.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,13 +59,8 @@ def claim_output_dir(output_dir: Path, ckpt_path: str | os.PathLike | None, mult
     Resuming into `output_dir` itself (hydra.run.dir=<run>) is always allowed: that is on purpose.
     """
     output_dir = Path(output_dir).resolve()
-    if ckpt_path is not None:
+    if ckpt_path is not None:  # checked to be a checkpoint of this config by config_checks.check_resume
         ckpt = Path(ckpt_path)
-        if not ckpt.is_file():
-            raise UserError(
-                f"ckpt_path={ckpt_path} is not a file: give the checkpoint to resume from, "
-                "e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt."
-            )
         origin = run_folder_of(ckpt)
         if origin == output_dir:
             ensure_writable(output_dir)
@@ -86,6 +83,8 @@ def claim_output_dir(output_dir: Path, ckpt_path: str | os.PathLike | None, mult
 
 def _link(session_dir: Path, origin: Path, ckpt: Path) -> None:
     # Both ways, so either folder leads to the other; a link that cannot be written costs no training.
+    if rank_zero_only.rank != 0:  # DDP: every process decides the same folder, one writes the links
+        return
     try:
         session_dir.mkdir(parents=True, exist_ok=True)
         (session_dir / RESUMED_INTO).write_text(f"{origin}\n")

@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mnist_adder.callbacks import NonFiniteLossGuard, RandomState
+from mnist_adder.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
 from mnist_adder.cli import _in_multirun
-from mnist_adder.config_checks import check_config
+from mnist_adder.config_checks import check_config, check_resume
 from mnist_adder.errors import UserError
 from mnist_adder.results import format_results, write_json_atomic
 from mnist_adder.run_dir import claim_output_dir
@@ -40,6 +40,7 @@ def _choice(group: str) -> str | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
     check_config(cfg)  # every bad config value stops the run here, before anything is built
+    check_resume(cfg)
     output_dir = claim_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), _in_multirun())
     if output_dir != Path(cfg.paths.output_dir).resolve():
         cfg.paths.output_dir = str(output_dir)  # resuming: continue in the checkpoint's own run folder
@@ -52,7 +53,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
 
     # Always on, whatever the callbacks group: exact resumes and a stop on a NaN/inf loss.
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RandomState(), NonFiniteLossGuard()]
+    callbacks = [
+        *instantiate_group(cfg.get("callbacks")),
+        RandomState(),
+        FlushLoggers(),
+        NonFiniteLossGuard(),
+    ]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

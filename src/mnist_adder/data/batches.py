@@ -36,9 +36,9 @@ class TrainBatches:
 
     Resuming mid-epoch: `state_dict()` is (epoch, batches already trained in it), an epoch trained to
     its end counting as (next epoch, 0); after `load_state_dict`, the next pass is that epoch, without
-    the batches already done. `progress_fn` gives that pair as the trainer counts it (Lightning
-    fetches one batch ahead, so the batches handed out are one more than those trained); without it,
-    the batches handed out count.
+    the batches already done. `progress_fn` says (batches trained in this pass, pass finished) as the
+    trainer counts them (Lightning fetches one batch ahead, so one more batch has been handed out
+    than trained); without it, the batches handed out count.
     """
 
     def __init__(
@@ -49,7 +49,7 @@ class TrainBatches:
         seed: int,
         resample_numbers: bool = True,
         epoch_fn: Callable[[], int] | None = None,
-        progress_fn: Callable[[], tuple[int, int]] | None = None,
+        progress_fn: Callable[[], tuple[int, bool]] | None = None,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
@@ -85,12 +85,13 @@ class TrainBatches:
 
     def state_dict(self) -> dict[str, int]:
         if self.progress_fn is not None:
-            epoch, done = self.progress_fn()
-        elif self._handed_out >= len(self):
-            epoch, done = self._epoch + 1, 0
+            done, finished = self.progress_fn()
         else:
-            epoch, done = self._epoch, self._handed_out
-        return {"epoch": int(epoch), "batches_done": int(done)}
+            done, finished = self._handed_out, self._handed_out >= len(self)
+        # The epoch is the one this object last iterated: the trainer's counter may already have moved on.
+        if finished:
+            return {"epoch": self._epoch + 1, "batches_done": 0}
+        return {"epoch": self._epoch, "batches_done": int(done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_at = (int(state["epoch"]), int(state["batches_done"]))

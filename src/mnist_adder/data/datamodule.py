@@ -78,13 +78,11 @@ class MnistSumDataModule(pl.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
 
-    def _train_progress(self) -> tuple[int, int]:
-        # The trainer's own count of this epoch's trained batches (the loader is fetched one ahead);
-        # an epoch trained to its end resumes as the next epoch.
+    def _train_progress(self) -> tuple[int, bool]:
+        # The trainer's own count of the batches trained in this pass (the loader is fetched one
+        # ahead), and whether the pass is complete (limit_train_batches may end it early).
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= self.trainer.num_training_batches:
-            return self.trainer.current_epoch + 1, 0
-        return self.trainer.current_epoch, done
+        return done, done >= self.trainer.num_training_batches
 
     def state_dict(self) -> dict[str, Any]:
         # Saved in every checkpoint and restored before Lightning first iterates the training batches
