@@ -82,3 +82,17 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config(overrides, tmp_path / "run")
 
     return _make
+
+
+def tiny_train_overrides(data_dir: Path) -> list[str]:
+    """A real but small training run on `tiny_mnist`: 350 training images in 14 batches, 2 epochs."""
+    return [
+        f"paths.data_dir={data_dir}",
+        "data.val_size=50",
+        "data.batch_size=25",
+        "data.eval_batch_size=60",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.deterministic=true",
+    ]

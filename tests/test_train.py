@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_adder.train import train
 
+from conftest import compose_config
 from test_config import choices
 
 TEST_METRICS = ("test/digit_acc", "test/sum_acc", "test/both_acc", "test/loss")
@@ -49,7 +50,9 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tiny_mni
     assert any(tag.startswith("lr-") for tag in scalars)
 
 
-def test_seed_zero_is_a_seed(make_cfg, tiny_mnist):
+def test_seed_zero_is_a_seed(tiny_mnist, tmp_path):
     overrides = ["trainer=debug", f"paths.data_dir={tiny_mnist}", "data.val_size=50", "seed=0"]
-    first, second = train(make_cfg(overrides)), train(make_cfg(overrides))
+    # Two folders: a run never writes into another run's folder.
+    first = train(compose_config(overrides, tmp_path / "first"))
+    second = train(compose_config(overrides, tmp_path / "second"))
     assert first["test/loss"] == second["test/loss"]

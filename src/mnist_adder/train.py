@@ -1,6 +1,7 @@
 """The training pipeline behind scripts/train.py: fit, select on validation, test the best checkpoint."""
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,14 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mnist_adder.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
+from mnist_adder.cli import _in_multirun
+from mnist_adder.config_checks import check_config, check_resume
+from mnist_adder.errors import UserError
 from mnist_adder.results import format_results, write_json_atomic
+from mnist_adder.run_dir import claim_output_dir
 from mnist_adder.scaleout import check_process_launch
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,11 @@ def _choice(group: str) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
-    output_dir = Path(cfg.paths.output_dir)
+    check_config(cfg)  # every bad config value stops the run here, before anything is built
+    check_resume(cfg)
+    output_dir = claim_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), _in_multirun())
+    if output_dir != Path(cfg.paths.output_dir).resolve():
+        cfg.paths.output_dir = str(output_dir)  # resuming: continue in the checkpoint's own run folder
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -42,12 +53,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
     module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
 
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # Always on, whatever the callbacks group: exact resumes and a stop on a NaN/inf loss.
+    callbacks = [
+        *instantiate_group(cfg.get("callbacks")),
+        RandomState(),
+        FlushLoggers(),
+        NonFiniteLossGuard(),
+    ]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     check_process_launch(trainer)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        # InterruptCheckpoint has saved last.ckpt and logged how to continue; exit as killed by SIGTERM.
+        log.error("Training stopped by SIGTERM.")
+        raise SystemExit(128 + signal.SIGTERM) from None
     timer = _find(trainer.callbacks, Timer)
     # Read now: testing a checkpoint reloads the Timer's state saved in it.
     fit_seconds = round(timer.time_elapsed("train"), 3) if timer is not None else None
@@ -67,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "num_parameters": sum(p.numel() for p in module.net.parameters()),
         "model": _choice("model"),
         "seed": cfg.seed,
+        "resumed_from": cfg.get("ckpt_path"),
     }
     if trainer.is_global_zero:
         for logger in trainer.loggers:
@@ -74,7 +97,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 module.hparams["config"],
                 metrics={k: v for k, v in results.items() if k.startswith("test/")},
             )
-        write_json_atomic(output_dir / "metrics.json", results)
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
+        try:
+            write_json_atomic(output_dir / "metrics.json", results)  # whole or not at all
+        except OSError as err:
+            raise UserError(
+                f"could not write {output_dir / 'metrics.json'}: {err.strerror or err}; no partial file "
+                "was left (the results are in the log above). Free disk space or make the folder writable."
+            ) from err
         log.info("Run folder: %s", output_dir)
     return results

@@ -33,6 +33,12 @@ class TrainBatches:
 
     The order and the numbers of epoch e come from (seed, e) alone, so a resumed run sees exactly the
     batches it would have seen, and every DDP rank shares one permutation and takes its own slice.
+
+    Resuming mid-epoch: `state_dict()` is (epoch, batches already trained in it), an epoch trained to
+    its end counting as (next epoch, 0); after `load_state_dict`, the next pass is that epoch, without
+    the batches already done. `progress_fn` says (batches trained in this pass, pass finished) as the
+    trainer counts them (Lightning fetches one batch ahead, so one more batch has been handed out
+    than trained); without it, the batches handed out count.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class TrainBatches:
         seed: int,
         resample_numbers: bool = True,
         epoch_fn: Callable[[], int] | None = None,
+        progress_fn: Callable[[], tuple[int, bool]] | None = None,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
@@ -52,10 +59,12 @@ class TrainBatches:
         self.augment = augment
         self.batch_size, self.seed = batch_size, seed
         self.resample_numbers = resample_numbers
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.progress_fn = epoch_fn, progress_fn
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
         self._epochs_iterated = 0
+        self._epoch, self._handed_out = 0, 0
+        self._resume_at: tuple[int, int] | None = None
 
     def _per_rank(self) -> int:
         return len(self.labels) // self.world_size
@@ -79,19 +88,41 @@ class TrainBatches:
         order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         return order, numbers
 
+    def state_dict(self) -> dict[str, int]:
+        if self.progress_fn is not None:
+            done, finished = self.progress_fn()
+        else:
+            done, finished = self._handed_out, self._handed_out >= len(self)
+        # The epoch is the one this object last iterated: the trainer's counter may already have moved on.
+        if finished:
+            return {"epoch": self._epoch + 1, "batches_done": 0}
+        return {"epoch": self._epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self._epochs_iterated
-        self._epochs_iterated += 1
+        if self._resume_at is not None:
+            # The epoch comes from the checkpoint: Lightning may start this pass before it has
+            # restored its own epoch counter.
+            epoch, start = self._resume_at
+            self._resume_at = None
+        else:
+            epoch = self.epoch_fn() if self.epoch_fn is not None else self._epochs_iterated
+            start = 0
+        self._epochs_iterated = epoch + 1
+        self._epoch, self._handed_out = epoch, start
         order, numbers = self.epoch_order(epoch)
         device = self.images.device
         order, numbers = order.to(device), numbers.to(device)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[idx]
             if self.augment is not None:
                 # Seeded per (seed, epoch, batch, rank): any batch can be reproduced on its own.
                 seed = (self._epoch_seed(epoch) * 100_003 + i) * 64 + self.rank
                 images = self.augment(images, torch.Generator(device=device).manual_seed(seed))
+            self._handed_out = i + 1
             yield make_batch(images, self.labels[idx], numbers[idx])
 
 

@@ -3,13 +3,14 @@
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from mnist_adder.config_checks import check_val_size
 from mnist_adder.data.batches import EvalBatches, TrainBatches, draw_numbers
 from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize
-from mnist_adder.errors import UserError
 
 
 class MnistSumDataModule(pl.LightningDataModule):
@@ -44,6 +45,8 @@ class MnistSumDataModule(pl.LightningDataModule):
         self.augment = augment
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._numbers: dict[str, torch.Tensor] = {}
+        self._train_batches: TrainBatches | None = None
+        self._train_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next pass
 
     def prepare_data(self) -> None:
         ensure_mnist(self.data_dir, self.download)
@@ -58,11 +61,7 @@ class MnistSumDataModule(pl.LightningDataModule):
         device = self._device()
         if stage in (None, "fit", "validate") and "train" not in self._splits:
             images, labels = load_mnist(self.data_dir, train=True)
-            if not 0 < self.val_size < len(labels):
-                raise UserError(
-                    f"data.val_size={self.val_size} does not fit the {len(labels)} training images: "
-                    f"it must be at least 1 and less than {len(labels)}."
-                )
+            check_val_size(self.val_size, len(labels))
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
             val_idx, train_idx = order[: self.val_size], order[self.val_size :]
             images = normalize(images)
@@ -82,20 +81,40 @@ class MnistSumDataModule(pl.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch
 
+    def _train_progress(self) -> tuple[int, bool]:
+        # The trainer's own count of the batches trained in this pass (the loader is fetched one
+        # ahead), and whether the pass is complete (limit_train_batches may end it early).
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return done, done >= self.trainer.num_training_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every checkpoint and restored before Lightning first iterates the training batches
+        # (it does so early, to size the one-cycle schedule, and then never loads the loader's own state).
+        return {"train_batches": self._train_batches.state_dict()} if self._train_batches is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_resume_state = state_dict.get("train_batches")
+
     def train_dataloader(self) -> TrainBatches:
         images, labels = self._splits["train"]
         rank, world_size = self._rank_and_world()
-        return TrainBatches(
+        batches = TrainBatches(
             images,
             labels,
             self.batch_size,
             seed=self.seed,
             resample_numbers=self.resample_numbers,
             epoch_fn=self._current_epoch if self.trainer is not None else None,
+            progress_fn=self._train_progress if self.trainer is not None else None,
             rank=rank,
             world_size=world_size,
             augment=self.augment,
         )
+        if self._train_resume_state is not None:
+            batches.load_state_dict(self._train_resume_state)
+            self._train_resume_state = None
+        self._train_batches = batches
+        return batches
 
     def _eval_batches(self, split: str) -> EvalBatches:
         images, labels = self._splits[split]

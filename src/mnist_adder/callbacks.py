@@ -1,0 +1,189 @@
+"""Callbacks that keep a run's work: a checkpoint on Ctrl-C or SIGTERM, the random state in every
+checkpoint (so a resumed run draws what an uninterrupted one would), and a stop on a NaN/inf loss."""
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from mnist_adder.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite; the message says where and which checkpoint is kept."""
+
+
+class InterruptCheckpoint(Callback):
+    """On Ctrl-C (KeyboardInterrupt) or SIGTERM during training, save `<dirpath>/<filename>.ckpt`.
+
+    Lightning turns SIGTERM into an exception at the end of the current batch, so the checkpoint is
+    taken between two steps and `ckpt_path=` continues with the next batch. The default name is
+    `last`, the file ModelCheckpoint keeps, so `checkpoints/last.ckpt` is always the newest state.
+    Other exceptions (a bug, a non-finite loss) save nothing: the newest good checkpoint is kept.
+
+    Not Lightning's OnExceptionCheckpoint: with one of those, `fit(ckpt_path=None)` silently resumes
+    from the newest checkpoint it finds, and the callback deletes its file when a run ends normally.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
+        self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if trainer.global_step == 0:  # nothing trained yet: nothing to keep
+            return
+        trainer.save_checkpoint(self.ckpt_path)
+        log.warning(
+            "Training interrupted (%s) at epoch %d, step %d; saved %s. Continue with: "
+            "python scripts/train.py ckpt_path=%s",
+            "Ctrl-C" if isinstance(exception, KeyboardInterrupt) else "SIGTERM",
+            trainer.current_epoch,
+            trainer.global_step,
+            self.ckpt_path,
+            self.ckpt_path,
+        )
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint for saves every `every_n_train_steps`, except after an epoch's last batch.
+
+    A checkpoint taken between an epoch's last batch and its validation resumes after that validation
+    (Lightning skips it), so that epoch would never be scored; the epoch-end checkpoint, written after
+    validation, covers that point instead.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class FlushLoggers(Callback):
+    """Write the loggers' queued events to disk with every checkpoint.
+
+    TensorBoard buffers events (up to 10, or 2 minutes); a run killed outright loses the buffer. With
+    this, the curves on disk reach (nearly) as far as the checkpoint a resumed run continues from: only
+    the point logged for the step that completed the checkpoint, written just after it, can be lost.
+    """
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class RandomState(Callback):
+    """Save torch's random generators (CPU, and the current GPU's) in every checkpoint; restore them
+    when training resumes, so dropout after a resume draws exactly what an uninterrupted run would."""
+
+    def __init__(self) -> None:
+        self._device: torch.device | None = None
+        self._to_restore: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._device = trainer.strategy.root_device
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if self._device is not None and self._device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self._device)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Applied here, after the sanity check and all set-up, right before the first resumed batch.
+        if self._to_restore is None:
+            return
+        torch.set_rng_state(self._to_restore["cpu"])
+        if "cuda" in self._to_restore and self._device is not None and self._device.type == "cuda":
+            torch.cuda.set_rng_state(self._to_restore["cuda"], self._device)
+        self._to_restore = None
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop training when the training loss becomes NaN or infinite, naming the epoch and the step.
+
+    Each step only queues a finiteness flag computed on the device; reading flags on the host forces a
+    device sync, so they are read at logging steps (every `check_every_n_steps`, by default the
+    trainer's `log_every_n_steps`, where Lightning brings the step loss to the host anyway), at the end
+    of every epoch, before validation, and before any checkpoint is written. The last check means no
+    checkpoint is ever written after a non-finite loss: the newest one from before it is kept.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None) -> None:
+        self.check_every_n_steps = check_every_n_steps
+        self._pending: list[tuple[torch.Tensor, int, int, int]] = []  # (finite?, epoch, step, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        # The step index as on TensorBoard's x-axis: global_step has already counted this step.
+        step = trainer.global_step - 1
+        self._pending.append((torch.isfinite(loss.detach()).all(), trainer.current_epoch, step, batch_idx))
+        every = self.check_every_n_steps or trainer.log_every_n_steps or 1
+        if trainer.global_step % every == 0:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.check(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Raising here aborts the save before the file is written.
+        self.check(trainer)
+
+    def check(self, trainer: pl.Trainer) -> None:
+        """Read the queued flags (one device sync); raise NonFiniteLossError if any loss was NaN/inf."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        finite = torch.stack([flag for flag, *_ in pending])
+        first_bad = int((~finite).nonzero()[0]) if not bool(finite.all()) else len(pending)
+        if trainer.world_size > 1:  # every rank stops together, at the first step bad on any rank
+            first_bad = int(
+                trainer.strategy.reduce(torch.tensor(first_bad, device=finite.device), reduce_op="min")
+            )
+        if first_bad == len(pending):
+            return
+        _, epoch, step, batch_idx = pending[first_bad]
+        raise NonFiniteLossError(
+            f"the training loss became non-finite (NaN or inf) at epoch {epoch}, step {step} "
+            f"(batch {batch_idx} of that epoch; counted from 0, as on TensorBoard); training stopped. "
+            f"{_kept_checkpoint(trainer)} Lower the learning rate (model.optimizer.lr) or clip the "
+            "gradients (trainer.gradient_clip_val=1.0) and train again."
+        )
+
+
+def _kept_checkpoint(trainer: pl.Trainer) -> str:
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    saved = [path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")]
+    if not saved:
+        return "No checkpoint had been saved yet."
+    newest = max(saved, key=lambda path: path.stat().st_mtime)
+    return f"The newest checkpoint, saved before it, is kept: {newest}."

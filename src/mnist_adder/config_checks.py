@@ -1,0 +1,169 @@
+"""The one place where config values are checked: before anything is built, one line per bad value.
+
+Every check names the key, the value given and what is allowed, so a typo never costs a run. Keys a
+config does not have are skipped, so the eval and predict entry points can call `check_config` too.
+The training-set size is only known once MNIST is read, so the datamodule calls `check_val_size` again
+then, with that size. `check_resume` checks a `ckpt_path` to resume from against the config.
+"""
+
+import math
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_adder.errors import UserError
+
+_MISSING = object()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(key: str, value: Any, allowed: str) -> str:
+    return f"{key}={value!r} is not allowed: {allowed}"
+
+
+def val_size_problem(val_size: Any, n_train: int | None = None) -> str | None:
+    """Why `data.val_size` is wrong (None if it is fine); `n_train` is the training set's size if known."""
+    upper = f" and less than {n_train}, the number of training images" if n_train is not None else ""
+    if not _is_int(val_size) or val_size < 1 or (n_train is not None and val_size >= n_train):
+        return _bad("data.val_size", val_size, f"it must be a whole number of at least 1{upper}")
+    return None
+
+
+def check_val_size(val_size: Any, n_train: int) -> None:
+    """Raise a UserError unless 1 <= val_size < n_train."""
+    problem = val_size_problem(val_size, n_train)
+    if problem is not None:
+        raise UserError(f"{problem}.")
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every bad value in `cfg`, one sentence each (empty when all is well)."""
+
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=_MISSING)
+
+    problems = []
+    lr = get("model.optimizer.lr")
+    if lr is not _MISSING and not (_is_number(lr) and lr > 0):
+        problems.append(_bad("model.optimizer.lr", lr, "the learning rate must be a number > 0"))
+    for key in ("data.batch_size", "data.eval_batch_size"):
+        value = get(key)
+        if value is not _MISSING and not (_is_int(value) and value >= 1):
+            problems.append(_bad(key, value, "a batch size must be a whole number of at least 1"))
+    weights = {key: get(key) for key in ("model.digit_weight", "model.sum_weight")}
+    for key, value in weights.items():
+        if value is not _MISSING and not (_is_number(value) and value >= 0):
+            problems.append(_bad(key, value, "a loss weight must be a number >= 0"))
+    if all(_is_number(value) and value == 0 for value in weights.values()):
+        problems.append(
+            "model.digit_weight=0 and model.sum_weight=0 are not allowed together: "
+            "at least one must be > 0, or the loss is 0 and nothing trains"
+        )
+    val_size = get("data.val_size")
+    if val_size is not _MISSING and (problem := val_size_problem(val_size)) is not None:
+        problems.append(problem)
+    max_epochs = get("trainer.max_epochs")
+    # None leaves the choice to Lightning (max_steps decides); anything given must be a real count.
+    if (
+        max_epochs is not _MISSING
+        and max_epochs is not None
+        and not (_is_int(max_epochs) and max_epochs >= 1)
+    ):
+        problems.append(_bad("trainer.max_epochs", max_epochs, "it must be a whole number of at least 1"))
+    return problems
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one UserError (a single line) naming every bad value, before any data or model is built."""
+    problems = config_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems) + ".")
+
+
+# What a resumed run must share with the run that saved its checkpoint: the model and its optimizer,
+# the training data and pairing, the seed, and what sizes the one-cycle schedule (its length is in
+# the checkpoint, and stepping past it is an error). Paths, logging, callbacks and evaluation may change.
+RESUME_KEYS = (
+    "seed",
+    "model",
+    "data",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.limit_train_batches",
+    "trainer.accumulate_grad_batches",
+)
+RESUME_FREE_KEYS = frozenset({"data.data_dir", "data.download", "data.on_device", "data.eval_batch_size"})
+
+
+def _flatten(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _flatten(item, f"{key}.{name}").items()}
+    return {key: value}
+
+
+def _values(config: DictConfig | dict, key: str) -> dict[str, Any]:
+    if isinstance(config, DictConfig):
+        value = OmegaConf.select(config, key, default=None)
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    else:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    return {k: v for k, v in _flatten(value, key).items() if k not in RESUME_FREE_KEYS}
+
+
+def resume_problems(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
+    """How `cfg` differs from `saved`, the config stored in the checkpoint, where a resume needs the same."""
+    problems = []
+    for key in RESUME_KEYS:
+        here, there = _values(cfg, key), _values(saved, key)
+        for name in sorted(set(here) | set(there)):
+            if here.get(name) != there.get(name):
+                problems.append(f"{name} is {there.get(name)!r} there, {here.get(name)!r} here")
+    return problems
+
+
+def _original_overrides(ckpt_path: Path) -> str | None:
+    overrides = ckpt_path.resolve().parent.parent / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return None
+    saved = OmegaConf.load(overrides)
+    return " ".join(str(o) for o in saved if not str(o).startswith(("ckpt_path=", "hydra.")))
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """If `cfg.ckpt_path` is set: a UserError unless it is a readable checkpoint of a run with this config."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(
+            f"ckpt_path={ckpt_path} is not a file: give the checkpoint to resume from, "
+            "e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt."
+        )
+    try:  # mmap: the weights are not read, only the config
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise UserError(
+            f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({type(err).__name__}: {err})."
+        ) from err
+    saved = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
+    problems = resume_problems(cfg, saved) if saved else []
+    if problems:
+        original = _original_overrides(path)
+        hint = f" That run's overrides were: {original or '(none)'}." if original is not None else ""
+        raise UserError(
+            f"ckpt_path={ckpt_path} was saved by a run with another config, and a resumed run must train "
+            f"the same: {'; '.join(problems)}. Resume with the overrides of that run.{hint}"
+        )
