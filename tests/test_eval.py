@@ -39,6 +39,7 @@ def test_eval_script_reproduces_the_training_runs_test_numbers(trained_run, real
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/both_acc" in result.stdout and "test/sum_given_digit_acc" in result.stdout  # the table
+    assert "digit_acc %" in result.stdout and "sum_acc %" in result.stdout  # and the per-class one
     evaluated = json.loads((run_dir / "metrics.json").read_text())
     test_keys = [k for k in trained if k.startswith("test/")]
     assert {"test/digit_acc", "test/sum_acc", "test/loss", "test/sum_given_digit_acc"} <= set(test_keys)

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from mnist_adder.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.errors import UserError
-from mnist_adder.results import format_results, write_json_atomic
+from mnist_adder.results import format_per_class, format_results, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,5 +78,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json_atomic(output_dir / "metrics.json", results)
     log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
+    log.info("Accuracy per true class:\n%s", format_per_class(results))
     log.info("Run folder: %s", output_dir)
     return results

@@ -140,11 +140,16 @@ def format_receptive_fields(fields: list[Field]) -> str:
     last = fields[-1]
     lo, hi = last.start - last.field / 2, last.start + (last.size - 1) * last.jump + last.field / 2
     covers = "covers" if last.field >= IMAGE_SIZE else "does not cover"
+    together = (
+        "the whole image"
+        if lo <= 0 and hi >= IMAGE_SIZE
+        else f"input pixels {max(lo, 0):g}..{min(hi, IMAGE_SIZE):g} of 0..{IMAGE_SIZE}"
+    )
     lines += [
         "-" * 78,
         f"The last layer's receptive field is {last.field}x{last.field}: one output alone {covers} the "
-        f"{IMAGE_SIZE}x{IMAGE_SIZE} image; its {last.size}x{last.size} outputs together span input pixels "
-        f"{max(lo, 0):g}..{min(hi, IMAGE_SIZE):g} of 0..{IMAGE_SIZE}.",
+        f"{IMAGE_SIZE}x{IMAGE_SIZE} image;",
+        f"its {last.size}x{last.size} outputs together see {together}.",
     ]
     return "\n".join(lines)
 
