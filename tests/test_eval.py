@@ -45,6 +45,12 @@ def test_eval_script_reproduces_the_training_runs_test_numbers(trained_run, real
     assert {"test/digit_acc", "test/sum_acc", "test/loss", "test/sum_given_digit_acc"} <= set(test_keys)
     for key in test_keys:
         assert evaluated[key] == trained[key], key  # exactly: same weights, pairs, batches and precision
+    # P(sum right | digit right) = P(both right) / P(digit right); the loss is the sum of the two losses.
+    assert evaluated["test/sum_given_digit_acc"] == pytest.approx(
+        evaluated["test/both_acc"] / evaluated["test/digit_acc"], abs=1e-6
+    )
+    assert evaluated["test/sum_given_digit_acc"] != evaluated["test/sum_acc"]
+    assert evaluated["test/loss"] == pytest.approx(evaluated["test/digit_loss"] + evaluated["test/sum_loss"])
     assert len(evaluated["test/digit_acc_per_class"]) == 10
     assert len(evaluated["test/sum_acc_per_class"]) == 19
     assert evaluated["ckpt_path"] == str(Path(trained["ckpt_path"]).resolve())
