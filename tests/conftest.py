@@ -62,10 +62,12 @@ def real_data_dir() -> Path:
     return Path(data_dir)
 
 
-def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
-    """The training config as scripts/train.py would see it, without launching a Hydra app."""
+def compose_config(
+    overrides: Sequence[str] = (), output_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
+    """The config as scripts/<config_name>.py would see it, without launching a Hydra app."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -96,3 +98,24 @@ def tiny_train_overrides(data_dir: Path) -> list[str]:
         "trainer.enable_progress_bar=false",
         "trainer.deterministic=true",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of one short real-MNIST training run (small model, 2 epochs of 100 steps, validation on
+    2,000 images, the full test), shared by the tests of what uses a trained model: it holds
+    metrics.json, checkpoints/ and tensorboard/."""
+    from mnist_adder.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    overrides = [
+        f"paths.data_dir={real_data_dir}",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=100",
+        "trainer.limit_val_batches=1",
+        "data.batch_size=128",
+        "trainer.enable_progress_bar=false",
+        "seed=1",
+    ]
+    train(compose_config(overrides, run_dir))
+    return run_dir

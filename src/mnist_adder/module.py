@@ -8,12 +8,26 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_adder.data.batches import Batch
+from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.metrics import DigitSumMetrics
 from mnist_adder.models.digit_sum import DigitSumNet
 
 STAGES = ("train", "val", "test")
+# Accuracy of each head per true class, for validation and test only (training steps stay as they were).
+PER_CLASS_STAGES = ("val", "test")
+PER_CLASS_METRICS = {"digit_acc_per_class": NUM_DIGITS, "sum_acc_per_class": NUM_SUMS}
+
+
+def _per_class_metrics() -> nn.ModuleDict:
+    # validate_args=False: the argument checks would sync the device on every validation batch.
+    return nn.ModuleDict(
+        {
+            name: MulticlassAccuracy(num_classes, average=None, validate_args=False)
+            for name, num_classes in PER_CLASS_METRICS.items()
+        }
+    )
 
 
 class DigitSumModule(pl.LightningModule):
@@ -21,7 +35,9 @@ class DigitSumModule(pl.LightningModule):
 
     Logs `{train,val,test}/{loss,digit_loss,sum_loss,digit_acc,sum_acc,both_acc,sum_given_digit_acc}`
     per epoch; `sum_given_digit_acc` is the sum accuracy among samples whose digit is right, i.e.
-    how well the adder adds.
+    how well the adder adds. Validation and test also give the per-class accuracy of each head,
+    `{val,test}/{digit,sum}_acc_per_class` (lists of 10 and 19), in `per_class_results` and as one
+    scalar per class in the loggers (`{stage}/{name}/<class>`).
     """
 
     def __init__(
@@ -40,11 +56,17 @@ class DigitSumModule(pl.LightningModule):
         self.scheduler_interval = scheduler_interval
         # Not named after the stages: nn.ModuleDict refuses the key "train" (it is a method).
         self.stage_metrics = nn.ModuleDict({f"{stage}_metrics": DigitSumMetrics() for stage in STAGES})
+        self.per_class_metrics = nn.ModuleDict(
+            {f"{stage}_per_class": _per_class_metrics() for stage in PER_CLASS_STAGES}
+        )
+        # The last epoch's per-class accuracies per stage, e.g. {"test/digit_acc_per_class": [10 floats]}.
+        self.per_class_results: dict[str, list[float]] = {}
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(image, number_onehot)
 
-    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+    def _step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, digit predictions and sum predictions of one batch; updates the stage's metrics."""
         image, number_onehot, label, sum_onehot = batch
         digit_logits, sum_logits = self.net(image, number_onehot)
         sum_label = sum_onehot.argmax(dim=-1)
@@ -53,18 +75,24 @@ class DigitSumModule(pl.LightningModule):
         loss = self.digit_weight * digit_loss + self.sum_weight * sum_loss
 
         with torch.no_grad():
-            digit_right = digit_logits.argmax(dim=-1) == label
-            sum_right = sum_logits.argmax(dim=-1) == sum_label
+            digit_pred, sum_pred = digit_logits.argmax(dim=-1), sum_logits.argmax(dim=-1)
+            digit_right, sum_right = digit_pred == label, sum_pred == sum_label
             self.stage_metrics[f"{stage}_metrics"].update(loss, digit_loss, sum_loss, digit_right, sum_right)
+            if stage in PER_CLASS_STAGES:
+                per_class = self.per_class_metrics[f"{stage}_per_class"]
+                per_class["digit_acc_per_class"].update(digit_pred, label)
+                per_class["sum_acc_per_class"].update(sum_pred, sum_label)
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
-        return loss
+        return loss, digit_pred, sum_pred
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        # The predictions go to callbacks' on_validation_batch_end (confusion matrices, misclassified images).
+        _, digit_pred, sum_pred = self._step(batch, "val")
+        return {"digit_pred": digit_pred, "sum_pred": sum_pred}
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "test")
@@ -79,11 +107,26 @@ class DigitSumModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
+    def _end_per_class_epoch(self, stage: str) -> None:
+        # Lightning's self.log takes scalars only: the per-class vectors are computed (and synced across
+        # processes) here, kept for metrics.json and written to the loggers as one scalar per class.
+        scalars = {}
+        for name, metric in self.per_class_metrics[f"{stage}_per_class"].items():
+            values = metric.compute().tolist()
+            metric.reset()
+            self.per_class_results[f"{stage}/{name}"] = values
+            scalars |= {f"{stage}/{name}/{cls}": value for cls, value in enumerate(values)}
+        if not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                logger.log_metrics(scalars, step=self.global_step)
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
+        self._end_per_class_epoch("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+        self._end_per_class_epoch("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

@@ -41,3 +41,15 @@ def format_results(metrics: dict[str, Any], stage: str = "test") -> str:
     if metrics.get("ckpt_path"):
         lines.append(f"checkpoint: {metrics['ckpt_path']}")
     return "\n".join(lines)
+
+
+def format_per_class(metrics: dict[str, Any], stage: str = "test", per_row: int = 10) -> str:
+    """The per-class accuracies of both heads (`{stage}/{head}_acc_per_class` lists), in percent."""
+    lines = []
+    for head in ("digit", "sum"):
+        values = metrics.get(f"{stage}/{head}_acc_per_class")
+        for start in range(0, len(values or []), per_row):
+            chunk = values[start : start + per_row]
+            lines.append(f"{'class':<12}" + "".join(f"{c:>7}" for c in range(start, start + len(chunk))))
+            lines.append(f"{head + '_acc %':<12}" + "".join(f"{100 * v:>7.1f}" for v in chunk))
+    return "\n".join(lines)

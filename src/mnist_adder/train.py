@@ -91,11 +91,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "resumed_from": cfg.get("ckpt_path"),
     }
+    # Lists of 10 and 19 per-class accuracies: in metrics.json, not in the hparams tab (scalars only).
+    results |= {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_hyperparams(
                 module.hparams["config"],
-                metrics={k: v for k, v in results.items() if k.startswith("test/")},
+                metrics={k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, float)},
             )
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
         try:

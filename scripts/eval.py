@@ -1,0 +1,21 @@
+"""Test a checkpoint on the MNIST test set: python scripts/eval.py ckpt_path=<file.ckpt> [overrides]."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from mnist_adder.cli import guarded
+from mnist_adder.evaluate import evaluate
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    guarded(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

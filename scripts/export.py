@@ -1,0 +1,21 @@
+"""Export a checkpoint to ONNX and TorchScript: python scripts/export.py ckpt_path=<file> [output_dir=...]."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from mnist_adder.cli import guarded
+from mnist_adder.export import export
+
+
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    guarded(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Predict digit and sum for your own images: python scripts/predict.py ckpt_path=... image=... number=..."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from mnist_adder.cli import guarded
+from mnist_adder.predict import predict
+
+
+@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    guarded(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()

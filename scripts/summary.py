@@ -1,0 +1,21 @@
+"""Layer table and receptive fields of a model: python scripts/summary.py model=<name>."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from mnist_adder.cli import guarded
+from mnist_adder.summary import summary
+
+
+@hydra.main(config_path="../conf", config_name="summary", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    guarded(summary, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Writing a trained model for use outside this project, behind scripts/export.py: ONNX and TorchScript.
+
+Both take what the network takes, an already normalised image (see `mnist_adder.data.normalize`; MNIST
+mean and std are also stored in the ONNX metadata) and the number as a one-hot vector:
+inputs image float32 [N, 1, 28, 28] and number_onehot float32 [N, 10]; outputs digit_logits [N, 10] and
+sum_logits [N, 19]; N is free.
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from mnist_adder.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.data.batches import NUM_DIGITS
+from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
+from mnist_adder.errors import UserError
+
+INPUT_NAMES = ("image", "number_onehot")
+OUTPUT_NAMES = ("digit_logits", "sum_logits")
+INSTALL_HINT = 'ONNX export needs the export extra: pip install -e ".[export]"'
+
+
+def _example_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(batch, 1, 28, 28), torch.eye(NUM_DIGITS)[torch.arange(batch) % NUM_DIGITS]
+
+
+def export_onnx(net: torch.nn.Module, path: Path) -> Path:
+    """The network as an ONNX model with named inputs and outputs and a dynamic batch dimension."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the exporter needs it; fail here with the install hint)
+    except ImportError as err:
+        raise UserError(f"{INSTALL_HINT} ({err}).") from err
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        # Both inputs share the one batch dimension, which the exporter remarks on; nothing is wrong.
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
+        torch.onnx.export(
+            net,
+            _example_inputs(),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"image": {0: batch}, "number_onehot": {0: batch}},
+            dynamo=True,
+            external_data=False,  # one self-contained file: the weights are 90 kB
+            verbose=False,
+        )
+    model = onnx.load(str(path))
+    # The input contract travels with the file: consumers must normalise exactly as training did.
+    onnx.helper.set_model_props(
+        model,
+        {
+            "image_normalisation": f"(pixels / 255 - {MNIST_MEAN}) / {MNIST_STD}",
+            "inputs": "image float32 [N,1,28,28] (MNIST-like: light digit on black); number_onehot [N,10]",
+            "outputs": "digit_logits [N,10] (digit 0..9); sum_logits [N,19] (digit + number, 0..18)",
+        },
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def export_torchscript(net: torch.nn.Module, path: Path) -> Path:
+    """The network traced to TorchScript (torch.jit.load(path)(image, number_onehot))."""
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in recent PyTorch but still what many deployments load.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(net, _example_inputs())
+        torch.jit.save(traced, str(path))
+    return path
+
+
+def export_paths(ckpt_path: str | Path, output_dir: str | Path | None = None) -> dict[str, Path]:
+    """Where the files go: `<checkpoint stem>.onnx` and `.torchscript.pt`, in output_dir or beside the
+    checkpoint."""
+    ckpt_path = Path(ckpt_path)
+    folder = Path(output_dir) if output_dir else ckpt_path.parent
+    return {
+        "onnx": folder / f"{ckpt_path.stem}.onnx",
+        "torchscript": folder / f"{ckpt_path.stem}.torchscript.pt",
+    }
+
+
+def export(cfg: DictConfig) -> dict[str, Path]:
+    """Export `cfg.ckpt_path` to the `export_paths`; print and return them."""
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            f"no checkpoint given: python scripts/export.py ckpt_path=<file.ckpt> [output_dir=<dir>]. "
+            f"{HOW_TO_GET_ONE}"
+        )
+    module, _ = load_checkpoint(cfg.ckpt_path)
+    paths = export_paths(cfg.ckpt_path, cfg.get("output_dir"))
+    folder = paths["onnx"].parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output_dir={folder} is a file, not a folder: name a folder to write into.")
+    folder.mkdir(parents=True, exist_ok=True)
+    net = module.net.eval()
+    export_onnx(net, paths["onnx"])
+    export_torchscript(net, paths["torchscript"])
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return paths

@@ -1,0 +1,144 @@
+"""Reading users' images with a trained model, behind scripts/predict.py.
+
+Images are files, folders (every file in them, by name) or lists of both; the number is one for all or
+one per image. Each image gives one line: text for people, or one JSON object for scripts. An image that
+cannot be read gives an error line in its place and the others still get theirs; the exit status then
+says that something failed.
+"""
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from mnist_adder.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.data.batches import NUM_DIGITS
+from mnist_adder.data.preprocess import preprocess_image
+from mnist_adder.errors import UserError
+
+FORMATS = ("text", "json")
+USAGE = "python scripts/predict.py ckpt_path=<file.ckpt> image=<file or folder> number=<0..9>"
+
+
+@dataclass
+class Prediction:
+    image: str
+    number: int
+    digit: int
+    digit_prob: float
+    sum: int
+    sum_prob: float
+
+    def as_text(self) -> str:
+        return (
+            f"{self.image}: number {self.number} -> digit {self.digit} ({100 * self.digit_prob:.1f} %), "
+            f"sum {self.sum} ({100 * self.sum_prob:.1f} %)"
+        )
+
+
+@dataclass
+class Failure:
+    image: str
+    error: str
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+
+
+def image_paths(images: Any) -> list[str]:
+    """The image files named: files as given, folders expanded to their files (not hidden ones), by name."""
+    entries = [str(entry) for entry in _as_list(images) if entry is not None and str(entry) != ""]
+    if not entries:
+        raise UserError(f"no image given: {USAGE}")
+    paths: list[str] = []
+    for entry in entries:
+        folder = Path(entry)
+        if folder.is_dir():
+            files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise UserError(f"folder {entry} holds no files: put the images to read in it.")
+            paths += [str(p) for p in files]
+        else:
+            paths.append(entry)  # a missing file is reported in its place, with the others' results
+    return paths
+
+
+def numbers_for(number: Any, count: int) -> list[int]:
+    """One number 0..9 per image, from one number for all or a list of one per image."""
+    if number is None:
+        raise UserError(f"no number given: {USAGE} (or number=[n1,n2,...], one per image)")
+    numbers = _as_list(number)
+    for n in numbers:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < NUM_DIGITS:
+            raise UserError(f"number={n!r} is not a whole number from 0 to 9: the model adds numbers 0..9.")
+    if len(numbers) == 1:
+        return numbers * count
+    if len(numbers) != count:
+        raise UserError(
+            f"{len(numbers)} numbers for {count} images: give one number for all, or one per image "
+            f"(folders count each of their files, in name order)."
+        )
+    return numbers
+
+
+@torch.inference_mode()
+def predict_images(
+    module: torch.nn.Module, paths: Sequence[str], numbers: Sequence[int], batch_size: int = 256
+) -> list[Prediction | Failure]:
+    """Predict every readable image; unreadable ones become Failures in their place."""
+    inputs: dict[int, torch.Tensor] = {}
+    results: list[Prediction | Failure | None] = [None] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            inputs[i] = preprocess_image(path)
+        except UserError as err:
+            results[i] = Failure(path, str(err))
+    order = list(inputs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        image = torch.stack([inputs[i] for i in chunk])
+        number_onehot = torch.eye(NUM_DIGITS)[[numbers[i] for i in chunk]]
+        digit_logits, sum_logits = module(image, number_onehot)
+        digit_prob, digit = digit_logits.softmax(dim=-1).max(dim=-1)
+        sum_prob, total = sum_logits.softmax(dim=-1).max(dim=-1)
+        for k, i in enumerate(chunk):
+            results[i] = Prediction(
+                paths[i],
+                numbers[i],
+                int(digit[k]),
+                round(float(digit_prob[k]), 6),
+                int(total[k]),
+                round(float(sum_prob[k]), 6),
+            )
+    return [r for r in results if r is not None]
+
+
+def predict(cfg: DictConfig) -> list[Prediction | Failure]:
+    """Print one line per image (text or JSON); raise UserError at the end if any image failed."""
+    output_format = cfg.get("format", "text")
+    if output_format not in FORMATS:
+        raise UserError(f"format={output_format!r} is not one of {', '.join(FORMATS)}.")
+    if not cfg.get("ckpt_path"):
+        raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
+    paths = image_paths(cfg.get("image"))
+    numbers = numbers_for(cfg.get("number"), len(paths))
+    module, _ = load_checkpoint(cfg.ckpt_path)
+
+    results = predict_images(module, paths, numbers)
+    for result in results:
+        if output_format == "json":
+            print(json.dumps(asdict(result)), flush=True)
+        elif isinstance(result, Prediction):
+            print(result.as_text(), flush=True)
+        else:
+            print(f"error: {result.image}: {result.error}", file=sys.stderr, flush=True)
+    failed = [r for r in results if isinstance(r, Failure)]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(results)} images could not be read (see above).")
+    return results
