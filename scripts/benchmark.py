@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.benchmark import benchmark
-from mnist_adder.cli import guarded
+from mnist_adder.cli import guarded, run_hydra_main
 
 
 @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

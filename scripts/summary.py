@@ -8,7 +8,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra
 from omegaconf import DictConfig
 
-from mnist_adder.cli import guarded
+from mnist_adder.cli import guarded, run_hydra_main
 from mnist_adder.summary import summary
 
 
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)
