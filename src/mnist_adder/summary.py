@@ -140,10 +140,12 @@ def format_receptive_fields(fields: list[Field]) -> str:
     last = fields[-1]
     lo, hi = last.start - last.field / 2, last.start + (last.size - 1) * last.jump + last.field / 2
     covers = "covers" if last.field >= IMAGE_SIZE else "does not cover"
+    # lo and hi are pixel edges: pixel i spans [i, i + 1).
+    first, last_pixel = max(math.floor(lo), 0), min(math.ceil(hi), IMAGE_SIZE) - 1
     together = (
         "the whole image"
         if lo <= 0 and hi >= IMAGE_SIZE
-        else f"input pixels {max(lo, 0):g}..{min(hi, IMAGE_SIZE):g} of 0..{IMAGE_SIZE}"
+        else f"input pixels {first}..{last_pixel} of 0..{IMAGE_SIZE - 1}"
     )
     lines += [
         "-" * 78,
