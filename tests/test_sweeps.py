@@ -51,8 +51,8 @@ def test_grid_sweep_runs_every_job_despite_a_failure_and_reports_them(tiny_mnist
         f"hydra.sweep.dir={sweep_dir}",
         *FAST,
     )
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "data.val_size=0 does not fit" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr[-3000:]  # a user's mistake, as in a single run
+    assert "error: data.val_size=0 is not allowed" in result.stderr and "Traceback" not in result.stderr
 
     jobs = jobs_of(sweep_dir, ("seed", "data.val_size"))
     assert sorted(jobs) == [f"seed={s} data.val_size={v}" for s in (1, 2) for v in (0, 50)]
@@ -80,7 +80,7 @@ def test_grid_sweep_runs_every_job_despite_a_failure_and_reports_them(tiny_mnist
         assert cells[column] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
     failed_cells = [c.strip() for c in rows["`data.val_size=0`"].split("|")[2:-1]]
     assert failed_cells[0] == "0" and failed_cells[-2:] == ["2", "0"]  # no runs, 2 failed, 0 missing
-    assert markdown.stdout.count("failed: data.val_size=0 does not fit") == 2
+    assert markdown.stdout.count("failed: data.val_size=0 is not allowed") == 2
 
     # A run killed before the end leaves no metrics.json and no status: listed as such, not dropped.
     killed = jobs["seed=2 data.val_size=50"]
