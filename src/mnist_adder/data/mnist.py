@@ -125,12 +125,11 @@ def ensure_mnist(data_dir: str | Path, download: bool) -> None:
     """Make sure the raw files are present (downloading them if allowed) and sound; a UserError if not."""
     data_dir = Path(data_dir)
     raw = raw_folder(data_dir)
-    if not all((raw / name).is_file() for name in MNIST_FILES):
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing:
         if not download:
-            missing = ", ".join(name for name in MNIST_FILES if not (raw / name).is_file())
-            raise UserError(
-                _missing_data_message(data_dir, download, FileNotFoundError(f"missing: {missing}"))
-            )
+            cause = FileNotFoundError(f"missing: {', '.join(missing)}")
+            raise UserError(_missing_data_message(data_dir, download, cause))
         try:
             for train in (True, False):
                 MNIST(str(data_dir), train=train, download=True)
