@@ -8,7 +8,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra
 from omegaconf import DictConfig
 
-from mnist_adder.benchmark import benchmark
+from mnist_adder.analysis.benchmark import benchmark
 from mnist_adder.cli import guarded, run_hydra_main
 
 

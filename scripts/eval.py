@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded, run_hydra_main
-from mnist_adder.evaluate import evaluate
+from mnist_adder.inference.evaluate import evaluate
 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")

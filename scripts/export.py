@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded, run_hydra_main
-from mnist_adder.export import export
+from mnist_adder.inference.export import export
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded, run_hydra_main
-from mnist_adder.predict import predict
+from mnist_adder.inference.predict import predict
 
 
 @hydra.main(config_path="../conf", config_name="predict", version_base="1.3")

@@ -3,8 +3,8 @@
 import sys
 from argparse import Namespace
 
+from mnist_adder.analysis.report import build_report, parse_args
 from mnist_adder.cli import guarded
-from mnist_adder.report import build_report, parse_args
 
 
 def run(args: Namespace) -> None:

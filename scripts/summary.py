@@ -8,8 +8,8 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra
 from omegaconf import DictConfig
 
+from mnist_adder.analysis.summary import summary
 from mnist_adder.cli import guarded, run_hydra_main
-from mnist_adder.summary import summary
 
 
 @hydra.main(config_path="../conf", config_name="summary", version_base="1.3")

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded, run_hydra_main
-from mnist_adder.sweep import train_and_score
+from mnist_adder.training.sweep import train_and_score
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

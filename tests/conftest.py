@@ -105,7 +105,7 @@ def trained_run(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The folder of one short real-MNIST training run (small model, 2 epochs of 100 steps, validation on
     2,000 images, the full test), shared by the tests of what uses a trained model: it holds
     metrics.json, checkpoints/ and tensorboard/."""
-    from mnist_adder.train import train
+    from mnist_adder.training.train import train
 
     run_dir = tmp_path_factory.mktemp("trained_run")
     overrides = [

@@ -6,7 +6,7 @@ import hydra
 import pytest
 import torch
 
-from mnist_adder.module import DigitSumModule
+from mnist_adder.training.module import DigitSumModule
 
 from conftest import CONF_DIR
 

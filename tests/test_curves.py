@@ -2,7 +2,7 @@
 
 import pytest
 
-from mnist_adder.curves import curves_table, read_scalars
+from mnist_adder.analysis.curves import curves_table, read_scalars
 from mnist_adder.errors import UserError
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_adder.checkpoint import load_checkpoint
 from mnist_adder.cli import guarded
 from mnist_adder.errors import UserError
-from mnist_adder.evaluate import evaluate
-from mnist_adder.module import DigitSumModule
-from mnist_adder.train import train
+from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.inference.evaluate import evaluate
+from mnist_adder.training.module import DigitSumModule
+from mnist_adder.training.train import train
 
 from conftest import compose_config
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_adder.checkpoint import load_checkpoint
 from mnist_adder.data import load_mnist, normalize
-from mnist_adder.export import export_paths
+from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.inference.export import export_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 

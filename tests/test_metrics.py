@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mnist_adder.metrics import DigitSumMetrics
+from mnist_adder.training.metrics import DigitSumMetrics
 
 
 def test_metrics_accumulate_over_batches_and_reset():

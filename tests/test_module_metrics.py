@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mnist_adder.data.batches import make_batch
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder
-from mnist_adder.module import DigitSumModule
+from mnist_adder.training.module import DigitSumModule
 
 
 def test_losses_are_means_over_samples_not_batches():

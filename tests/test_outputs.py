@@ -12,8 +12,8 @@ import pytest
 import mnist_adder.results
 from mnist_adder.errors import UserError
 from mnist_adder.results import write_json_atomic
-from mnist_adder.run_dir import claim_output_dir
-from mnist_adder.train import train
+from mnist_adder.training.run_dir import claim_output_dir
+from mnist_adder.training.train import train
 
 from conftest import compose_config
 

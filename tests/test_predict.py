@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mnist_adder.checkpoint import load_checkpoint
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.errors import UserError
-from mnist_adder.predict import Prediction, image_paths, numbers_for, predict, predict_images
+from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.inference.predict import Prediction, image_paths, numbers_for, predict, predict_images
 
 from conftest import compose_config
 

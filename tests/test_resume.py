@@ -18,11 +18,11 @@ import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_adder.callbacks import NonFiniteLossError
 from mnist_adder.config_checks import check_resume
 from mnist_adder.data.batches import TrainBatches
 from mnist_adder.errors import UserError
-from mnist_adder.train import train
+from mnist_adder.training.callbacks import NonFiniteLossError
+from mnist_adder.training.train import train
 
 from conftest import compose_config, make_tiny_mnist, tiny_train_overrides
 

@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 
 from mnist_adder.data.batches import EvalBatches
 from mnist_adder.errors import UserError
-from mnist_adder.scaleout import check_process_launch
-from mnist_adder.train import instantiate_group
+from mnist_adder.training.scaleout import check_process_launch
+from mnist_adder.training.train import instantiate_group
 
 from conftest import CONF_DIR
 

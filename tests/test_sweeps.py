@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from mnist_adder.errors import UserError
-from mnist_adder.jobs import JOB_STATUS_FILE
-from mnist_adder.sweep import check_optimized_metric, optimized_value
+from mnist_adder.training.jobs import JOB_STATUS_FILE
+from mnist_adder.training.sweep import check_optimized_metric, optimized_value
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps on the tiny IDX files: each run takes seconds, and every output a real run has.

@@ -5,7 +5,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_adder.train import train
+from mnist_adder.training.train import train
 
 from conftest import compose_config
 from test_config import choices

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from mnist_adder.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.data.batches import NUM_DIGITS
 from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.errors import UserError
+from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 
 FORMATS = ("text", "json")
 USAGE = "python scripts/predict.py ckpt_path=<file.ckpt> image=<file or folder> number=<0..9>"

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mnist_adder.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.data.batches import NUM_DIGITS
 from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
 from mnist_adder.errors import UserError
+from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 
 INPUT_NAMES = ("image", "number_onehot")
 OUTPUT_NAMES = ("digit_logits", "sum_logits")

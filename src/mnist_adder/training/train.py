@@ -12,13 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mnist_adder.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
 from mnist_adder.cli import _in_multirun
 from mnist_adder.config_checks import check_config, check_resume
 from mnist_adder.errors import UserError
 from mnist_adder.results import format_results, write_json_atomic
-from mnist_adder.run_dir import claim_output_dir
-from mnist_adder.scaleout import check_process_launch
+from mnist_adder.training.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
+from mnist_adder.training.run_dir import claim_output_dir
+from mnist_adder.training.scaleout import check_process_launch
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mnist_adder.errors import UserError
-from mnist_adder.train import train
+from mnist_adder.training.train import train
 
 # Hyperparameters are chosen on validation results only: the test set stays the final, untouched check.
 SELECTABLE_PREFIXES = ("val/", "best_val/")

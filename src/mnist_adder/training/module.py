@@ -11,8 +11,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
-from mnist_adder.metrics import DigitSumMetrics
 from mnist_adder.models.digit_sum import DigitSumNet
+from mnist_adder.training.metrics import DigitSumMetrics
 
 STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).

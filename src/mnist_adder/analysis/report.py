@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mnist_adder.errors import UserError
-from mnist_adder.jobs import read_job_status
+from mnist_adder.training.jobs import read_job_status
 
 # (metrics.json key, column title, shown in percent)
 COLUMNS = (

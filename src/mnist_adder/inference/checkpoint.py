@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.errors import UserError
-from mnist_adder.module import DigitSumModule
+from mnist_adder.training.module import DigitSumModule
 
 HOW_TO_GET_ONE = (
     "Pass the .ckpt file of a training run, e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt "

@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from mnist_adder.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.errors import UserError
+from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.results import format_per_class, format_results, write_json_atomic
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Looking at models and runs: sweep reports, learning curves, layer tables, benchmarks, pictures."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading a checkpoint, evaluating, predicting, exporting."""
