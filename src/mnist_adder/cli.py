@@ -84,13 +84,11 @@ def _instantiation_line(err: InstantiationException, cause: BaseException, key: 
     target = re.search(r"target '([^']+)'", str(err))
     what = f"{full_key} ({target.group(1)})" if target else full_key
     given = []
-    if HydraConfig.initialized():  # the command-line overrides that touch it: the value to change
-        root = full_key.split(".")[0]
-        given = [
-            o
-            for o in HydraConfig.get().overrides.task
-            if re.split(r"[=.]", o.lstrip("+~"), maxsplit=1)[0] == root
-        ]
+    if HydraConfig.initialized():  # the command-line overrides of this node, its parents or its keys
+        for override in HydraConfig.get().overrides.task:
+            name = override.lstrip("+~").split("=", 1)[0]
+            if f"{full_key}.".startswith(f"{name}.") or name.startswith(f"{full_key}."):
+                given.append(override)
     from_cli = f" (given: {' '.join(given)})" if given else ""
     return (
         f"{what} cannot be built from its config{from_cli}: {_one_line(str(cause)).rstrip('.')}. "
