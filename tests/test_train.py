@@ -94,7 +94,8 @@ GPU_PRESETS = {
 
 
 @pytest.mark.parametrize("preset", GPU_PRESETS)
-def test_gpu_presets_train_on_the_cpu(make_cfg, tiny_mnist, preset):
+def test_gpu_presets_train_on_the_cpu(make_cfg, tiny_mnist, preset, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the Trainer sets it; undone after
     cfg = make_cfg(
         [
             *GPU_PRESETS[preset],
