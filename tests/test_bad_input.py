@@ -2,20 +2,26 @@
 value or the file and what is wrong; through the command line: exit status 2 and no traceback."""
 
 import gzip
+import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
-from hydra.errors import MissingConfigException
+import torch
+from hydra.errors import InstantiationException, MissingConfigException
+from omegaconf import OmegaConf
 
-from mnist_adder.cli import hydra_error_line
+from mnist_adder import config_checks
+from mnist_adder.cli import build, hydra_error_line
 from mnist_adder.config_checks import check_config
 from mnist_adder.data import load_mnist
 from mnist_adder.data.mnist import ensure_mnist
 from mnist_adder.errors import UserError
+from mnist_adder.inference.evaluate import evaluate
 from mnist_adder.training.train import train
 
 from conftest import compose_config, make_tiny_mnist, write_idx_images, write_idx_labels
@@ -23,13 +29,16 @@ from conftest import compose_config, make_tiny_mnist, write_idx_images, write_id
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*overrides: str) -> subprocess.CompletedProcess:
+def run_cli(
+    *overrides: str, script: str = "train", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/train.py", *overrides],
+        [sys.executable, f"scripts/{script}.py", *overrides],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -56,6 +65,11 @@ BAD_VALUES = [
     ("data.val_size=0", "data.val_size=0", "at least 1"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0", "at least 1"),
     ("trainer.max_epochs=-1", "trainer.max_epochs=-1", "at least 1"),
+    ("seed=abc", "seed='abc'", "a seed must be a whole number from 0 to 4294967295"),
+    ("seed=-1", "seed=-1", "a seed must be a whole number"),
+    ("seed=4294967296", "seed=4294967296", "a seed must be a whole number"),
+    ("data.pair_seed=1.5", "data.pair_seed=1.5", "a seed must be a whole number"),
+    ("data.split_seed=null", "data.split_seed=None", "a seed must be a whole number"),
 ]
 
 
@@ -116,7 +130,151 @@ def test_unknown_trainer_is_one_line_with_the_choices(tmp_path):
         compose_config(["trainer=tpu"], tmp_path)
     line = hydra_error_line(err.value)
     assert line is not None and "\n" not in line
-    assert "trainer=tpu" in line and "cpu, ddp, ddp_cpu, debug, default, gpu" in line
+    assert "trainer=tpu" in line and "auto, cpu, ddp, ddp_cpu, debug, default, gpu, mps" in line
+
+
+def test_a_seed_that_is_not_a_number_on_the_command_line(tmp_path):
+    result = run_cli("seed=abc", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_clear_line(result, "seed='abc'", "whole number from 0 to 4294967295")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_seed_interpolated_into_the_data_is_reported_once(make_cfg):
+    with pytest.raises(UserError) as err:
+        check_config(make_cfg(["seed=abc"]))  # data.seed is ${seed}: one problem, not two
+    assert str(err.value).count("'abc'") == 1
+
+
+# ---- the device: a trainer this machine cannot run ------------------------------------------------
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+
+@NO_CUDA
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_gpu_trainer_without_a_gpu_says_what_to_run_instead(tmp_path, trainer):
+    result = run_cli(f"trainer={trainer}", f"hydra.run.dir={tmp_path / 'run'}")
+    want = "trainer=mps" if torch.backends.mps.is_available() else "trainer=cpu"
+    line = assert_one_clear_line(
+        result, f"trainer.accelerator=gpu (trainer={trainer}) needs a CUDA GPU", want, "trainer=auto"
+    )
+    has = "an Apple MPS device" if torch.backends.mps.is_available() else "only a CPU"
+    assert f"this machine has {has}" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple MPS device")
+def test_mps_trainer_without_mps_says_what_to_run_instead(tmp_path):
+    result = run_cli("trainer=mps", f"hydra.run.dir={tmp_path / 'run'}")
+    want = "trainer=gpu" if torch.cuda.is_available() else "trainer=cpu"
+    assert_one_clear_line(result, "trainer.accelerator=mps (trainer=mps) needs an Apple MPS device", want)
+
+
+def test_on_an_apple_machine_the_gpu_trainer_points_to_mps(monkeypatch, make_cfg):
+    # No Apple machine here: what torch reports about the devices is faked, the check itself is real.
+    monkeypatch.setattr(config_checks, "has_cuda", lambda: False)
+    monkeypatch.setattr(config_checks, "has_mps", lambda: True)
+    monkeypatch.setattr("mnist_adder.devices.has_cuda", lambda: False)
+    monkeypatch.setattr("mnist_adder.devices.has_mps", lambda: True)
+    with pytest.raises(UserError) as err:
+        check_config(make_cfg(["trainer=gpu"]))
+    message = str(err.value)
+    assert "this machine has an Apple MPS device and no CUDA GPU" in message
+    assert "run with trainer=mps instead, or trainer=auto" in message
+    check_config(make_cfg(["trainer=mps"]))  # and MPS is then fine
+
+
+@NO_CUDA
+def test_eval_on_an_accelerator_this_machine_lacks(tmp_path):
+    # Checked before the checkpoint is read; eval sets the accelerator by its key, not a trainer choice.
+    result = run_cli(
+        f"ckpt_path={tmp_path / 'x.ckpt'}",
+        "trainer.accelerator=gpu",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        script="eval",
+    )
+    assert_one_clear_line(
+        result, "trainer.accelerator=gpu needs a CUDA GPU", "trainer.accelerator=cpu instead"
+    )
+
+
+@NO_CUDA
+def test_eval_of_a_gpu_checkpoint_here_names_the_checkpoints_accelerator(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["trainer"]["accelerator"] = "gpu"  # as if trained on a GPU
+    torch.save(checkpoint, tmp_path / "gpu.ckpt")
+    with pytest.raises(UserError) as err:
+        evaluate(compose_config([f"ckpt_path={tmp_path / 'gpu.ckpt'}"], tmp_path / "e", "eval"))
+    message = str(err.value)
+    assert "trainer.accelerator=gpu needs a CUDA GPU" in message and "trainer.accelerator=cpu" in message
+    assert "trained with accelerator=gpu" in message and "\n" not in message
+
+
+@NO_CUDA
+def test_benchmark_on_a_gpu_this_machine_lacks(tmp_path):
+    result = run_cli("trainer=gpu", f"hydra.run.dir={tmp_path / 'b'}", script="benchmark")
+    assert_one_clear_line(result, "trainer.accelerator=gpu", "needs a CUDA GPU", "trainer=cpu")
+
+
+# ---- a value a constructor refuses -----------------------------------------------------------------
+
+REFUSED = [
+    # (override, the key named, the constructor's own reason)
+    ("model.net.adder_input=foo", "model.net (mnist_adder.models.digit_sum.DigitSumNet)", "not 'foo'"),
+    (
+        "trainer.precision=foo",
+        "trainer (pytorch_lightning.trainer.trainer.Trainer)",
+        "Precision 'foo' is invalid",
+    ),
+]
+
+
+@pytest.mark.parametrize("override,named,reason", REFUSED, ids=[r[0] for r in REFUSED])
+def test_a_value_the_constructor_refuses_is_one_line(tmp_path, override, named, reason):
+    result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_clear_line(result, f"{named} cannot be built", f"(given: {override})", reason)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_with_hydra_full_error_the_constructor_error_keeps_its_traceback(tmp_path):
+    result = run_cli(
+        "model.net.adder_input=foo", f"hydra.run.dir={tmp_path / 'run'}", env={"HYDRA_FULL_ERROR": "1"}
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "InstantiationException" in result.stderr
+    assert "ValueError: adder_input must be logits, softmax or detached, not 'foo'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override,named,reason",
+    [
+        # Lightning's MisconfigurationException from a callback, and a Trainer refusing a value.
+        ("callbacks.model_checkpoint.mode=sideways", "callbacks.model_checkpoint (", "`mode` can be"),
+        ("trainer.devices=abc", "trainer (", "`devices`"),
+    ],
+)
+def test_every_config_object_is_built_by_the_one_helper(make_cfg, tiny_mnist, override, named, reason):
+    with pytest.raises(UserError) as err:
+        train(make_cfg([f"paths.data_dir={tiny_mnist}", "data.val_size=50", override]))
+    message = str(err.value)
+    assert named in message and reason in message and "\n" not in message
+
+
+def test_an_error_that_may_be_a_bug_keeps_its_traceback(tmp_path):
+    # A refused value (a TypeError from the constructor) is one line, also where Hydra builds the object
+    # itself (a launcher, a sweeper) and the error reaches cli.run_hydra_main through hydra_error_line.
+    node = OmegaConf.create({"launcher": {"_target_": "datetime.timedelta", "days": "x"}})
+    with pytest.raises(InstantiationException) as refused:
+        hydra.utils.instantiate(node.launcher)
+    line = hydra_error_line(refused.value)
+    assert line is not None and line.startswith("launcher (datetime.timedelta) cannot be built")
+    assert "unsupported type for timedelta days component: str" in line
+    # Not a refused value (a missing file inside a constructor): no one-line message hides it.
+    node = OmegaConf.create({"thing": {"_target_": "torch.load", "f": str(tmp_path / "nothing.pt")}})
+    with pytest.raises(InstantiationException) as err:
+        build(node.thing, "thing")
+    assert isinstance(err.value.__cause__, FileNotFoundError)
+    assert hydra_error_line(err.value) is None  # and cli.run_hydra_main re-raises it: the traceback
 
 
 # ---- data ----------------------------------------------------------------------------------------

@@ -74,6 +74,16 @@ def test_images_as_files_are_read_like_the_tensors(model_and_digits, tmp_path, f
     assert (sums == sum_logits.argmax(1)).float().mean() >= AGREEMENT_FLOOR
 
 
+def run_predict(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/predict.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_digits, tmp_path):
     ckpt_path, module, images = model_and_digits
     folder = tmp_path / "digits"
@@ -81,22 +91,9 @@ def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_dig
     for i in range(3):
         _inverted_rgb(images[i].numpy()).save(folder / f"digit_{i}.png")
     Image.new("L", (40, 40), 255).save(folder / "blank.png")
-    (folder / "notes.txt").write_text("not an image")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/predict.py",
-            f"ckpt_path={ckpt_path}",
-            f"image={folder}",
-            "number=4",
-            "format=json",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (folder / "notes.png").write_text("not an image")  # named as one, but it is not
+    result = run_predict(f"ckpt_path={ckpt_path}", f"image={folder}", "number=4", "format=json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "2 of 5 images could not be read" in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds JSON only
     assert [Path(line["image"]).name for line in lines] == [
@@ -104,7 +101,7 @@ def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_dig
         "digit_0.png",
         "digit_1.png",
         "digit_2.png",
-        "notes.txt",
+        "notes.png",
     ]
     assert list(lines[0]) == ["image", "error"] and "no digit found" in lines[0]["error"]
     assert list(lines[4]) == ["image", "error"] and "not an image" in lines[4]["error"]
@@ -114,6 +111,40 @@ def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_dig
         assert list(line) == ["image", "number", "digit", "digit_prob", "sum", "sum_prob"]
         assert line["number"] == 4 and line["digit"] == expected and line["sum"] in range(19)
         assert 0 < line["digit_prob"] <= 1 and 0 < line["sum_prob"] <= 1
+
+
+def test_a_folder_of_digits_and_their_labels_file(model_and_digits, real_data_dir, tmp_path):
+    # A user's folder: real MNIST test digits as PNG and JPEG, and the labels.csv that names them.
+    ckpt_path, _, _ = model_and_digits
+    images, labels = load_mnist(real_data_dir, train=False)
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    rows = {}
+    for i in range(40):
+        name = f"{i:03d}.png" if i % 2 else f"{i:03d}.jpg"
+        _inverted_rgb(images[7 * i].numpy()).save(folder / name, **({"quality": 90} if i % 2 == 0 else {}))
+        rows[name] = int(labels[7 * i])
+    (folder / "labels.csv").write_text("file,label\n" + "".join(f"{n},{d}\n" for n, d in rows.items()))
+
+    result = run_predict(f"ckpt_path={ckpt_path}", f"image={folder}", "number=3", "format=json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.startswith("error")]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {folder}: skipped 1 file that is not an image by extension: labels.csv"]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(line["image"]).name for line in lines] == sorted(rows)
+    right = [line["digit"] == rows[Path(line["image"]).name] for line in lines]
+    added = [line["sum"] == line["digit"] + 3 for line in lines]
+    assert sum(right) >= 0.85 * len(lines) and sum(added) >= 0.85 * len(lines)
+
+    # Named on its own, the labels file is still an error: one line, exit status 2.
+    alone = run_predict(f"ckpt_path={ckpt_path}", f"image={folder / 'labels.csv'}", "number=3")
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    errors = [line for line in alone.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {folder / 'labels.csv'}: not an image (PNG, JPEG, or another format PIL reads)"
+    ]
 
 
 def test_one_image_in_text(model_and_digits, tmp_path, capsys):
@@ -141,16 +172,24 @@ def test_numbers_one_for_all_or_one_each():
         numbers_for(None, 1)
 
 
-def test_folders_expand_to_their_files_by_name(tmp_path):
-    for name in ("b.png", "a.jpg", ".hidden.png"):
+def test_folders_expand_to_their_image_files_by_name(tmp_path, capsys):
+    for name in ("b.png", "a.jpg", "c.JPEG", ".hidden.png", "labels.csv", "README"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
-    assert image_paths([str(tmp_path), "x.png"]) == [
+    assert image_paths([str(tmp_path), "x.png", "y.txt"]) == [
         str(tmp_path / "a.jpg"),
         str(tmp_path / "b.png"),
+        str(tmp_path / "c.JPEG"),
         "x.png",
+        "y.txt",  # named on its own: read, and refused there if it is no image
     ]
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path}: skipped 2 files that are not an image by extension: README, labels.csv\n"
+    )
     with pytest.raises(UserError, match="no image given"):
         image_paths(None)
-    with pytest.raises(UserError, match="holds no files"):
+    with pytest.raises(UserError, match="holds no image files"):
+        image_paths(str(tmp_path / "sub"))
+    (tmp_path / "sub" / "labels.csv").write_text("file,label\n")
+    with pytest.raises(UserError, match=r"holds no image files \(it holds 1 other file\)"):
         image_paths(str(tmp_path / "sub"))

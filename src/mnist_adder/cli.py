@@ -1,12 +1,19 @@
-"""What every entry script shares: a user's mistake becomes one clear paragraph and exit code 2."""
+"""What every entry script shares: a user's mistake becomes one clear paragraph and exit code 2.
+
+`build` is how every object in a config (datamodule, model, trainer, callbacks, loggers) is made: a
+constructor that refuses a value (ValueError, TypeError, Lightning's MisconfigurationException) becomes
+one line naming the config key, its target and the constructor's reason.
+"""
 
 import errno
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException
 from hydra.types import RunMode
@@ -43,6 +50,65 @@ def guarded(task: Callable[[Args], Any], cfg: Args) -> Any:
         sys.exit(2)
 
 
+# Where run_hydra_main keeps the user's own HYDRA_FULL_ERROR (it sets HYDRA_FULL_ERROR=1 itself). An
+# environment variable, so that processes started by this one (DDP ranks, sweep workers) see it too.
+_USER_FULL_ERROR = "MNIST_ADDER_USER_HYDRA_FULL_ERROR"
+
+
+def full_error_wanted() -> bool:
+    """Whether the user asked for full tracebacks (HYDRA_FULL_ERROR=1 on the command line)."""
+    return os.environ.get(_USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", "")) == "1"
+
+
+def _bad_value_cause(err: BaseException) -> BaseException | None:
+    """The constructor's own error inside Hydra's InstantiationException, if it is the kind a bad config
+    value raises (ValueError, TypeError, MisconfigurationException); None for anything else (maybe a bug)."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException  # = Lightning's own
+
+    cause = err.__cause__
+    if isinstance(err, InstantiationException) and isinstance(
+        cause, ValueError | TypeError | MisconfigurationException
+    ):
+        return cause
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _instantiation_line(err: InstantiationException, cause: BaseException, key: str) -> str:
+    # Hydra names the innermost failing node ("full_key: model.net") and its target.
+    match = re.search(r"^full_key: (\S+)$", str(err), flags=re.M)
+    full_key = match.group(1) if match else key
+    target = re.search(r"target '([^']+)'", str(err))
+    what = f"{full_key} ({target.group(1)})" if target else full_key
+    given = []
+    if HydraConfig.initialized():  # the command-line overrides of this node, its parents or its keys
+        for override in HydraConfig.get().overrides.task:
+            name = override.lstrip("+~").split("=", 1)[0]
+            if f"{full_key}.".startswith(f"{name}.") or name.startswith(f"{full_key}."):
+                given.append(override)
+    from_cli = f" (given: {' '.join(given)})" if given else ""
+    return (
+        f"{what} cannot be built from its config{from_cli}: {_one_line(str(cause)).rstrip('.')}. "
+        "Change that value on the command line or in conf/."
+    )
+
+
+def build(node: Any, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, **kwargs)`; a constructor refusing a config value becomes a UserError
+    (one line: the key, the target, the reason). Other errors, and all with HYDRA_FULL_ERROR=1, propagate
+    with their traceback. `key` names the node where Hydra cannot (a detached config)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = _bad_value_cause(err)
+        if cause is None or full_error_wanted():
+            raise
+        raise UserError(_instantiation_line(err, cause, key)) from err
+
+
 # Errors a user can fix that reach us as OSError: a folder that cannot be created or written, a full disk.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -56,13 +122,17 @@ def hydra_error_line(err: BaseException) -> str | None:
             f"{group}={choice} is not a known choice: there is no conf/{group}/{choice}.yaml; "
             f"choose one of: {options}."
         )
-    if isinstance(err, CompactHydraException) and not isinstance(err, InstantiationException):
-        # Hydra's own text, less the config search path it appends, on one line. (An error while
-        # building an object from the config may be a bug: that one keeps its traceback.)
+    if isinstance(err, InstantiationException):
+        # Hydra building an object of its own config (a launcher, a sweeper, a callback): a refused value
+        # is the user's; any other error while building may be a bug and keeps its traceback.
+        cause = _bad_value_cause(err)
+        return _instantiation_line(err, cause, "hydra") if cause is not None else None
+    if isinstance(err, CompactHydraException):
+        # Hydra's own text, less the config search path it appends, on one line.
         text = str(err).split("\nConfig search path:", 1)[0]
         if isinstance(err.__cause__, OmegaConfBaseException):
             text += f" ({str(err.__cause__).splitlines()[0]})"
-        return " ".join(line.strip() for line in text.splitlines() if line.strip())
+        return _one_line(text)
     if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS and err.filename:
         return (
             f"cannot write {err.filename}: {err.strerror}. Choose a folder you can write to "
@@ -80,7 +150,8 @@ def run_hydra_main(main: Callable[[], Any]) -> None:
     folder it cannot create); with HYDRA_FULL_ERROR=1 it raises them instead, to be reported here.
     A user who sets HYDRA_FULL_ERROR=1 gets Hydra's full report, as Hydra documents.
     """
-    wants_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ.setdefault(_USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
+    wants_full_error = full_error_wanted()
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()

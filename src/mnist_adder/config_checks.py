@@ -1,7 +1,9 @@
 """The one place where config values are checked: before anything is built, one line per bad value.
 
 Every check names the key, the value given and what is allowed, so a typo never costs a run. Keys a
-config does not have are skipped, so the eval and predict entry points can call `check_config` too.
+config does not have are skipped, so the eval and benchmark entry points call `check_config` too. The
+accelerator is checked against this machine (`trainer=gpu` where no CUDA GPU is visible). What only a
+constructor can judge is reported by `cli.build`, in the same one-line form.
 The training-set size is only known once MNIST is read, so the datamodule calls `check_val_size` again
 then, with that size. `check_resume` checks a `ckpt_path` to resume from against the config.
 """
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_adder.devices import CUDA_ACCELERATORS, has_cuda, has_mps, machine_accelerators
 from mnist_adder.errors import UserError
 
 _MISSING = object()
@@ -27,8 +31,45 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_interpolation(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+
+
 def _bad(key: str, value: Any, allowed: str) -> str:
     return f"{key}={value!r} is not allowed: {allowed}"
+
+
+# pl.seed_everything and torch.Generator take seeds in numpy's range; Lightning replaces one outside it
+# by 0 with a warning, which would silently train another run than the one asked for.
+MAX_SEED = 2**32 - 1
+SEED_KEYS = ("seed", "data.seed", "data.split_seed", "data.pair_seed")
+
+
+def accelerator_problem(accelerator: Any, by_group: bool) -> str | None:
+    """Why `trainer.accelerator` cannot run on this machine (None if it can, or if Lightning must judge).
+
+    `by_group`: the trainer config is a group choice (train, benchmark: suggest `trainer=cpu`); otherwise
+    only its keys can be set (eval: suggest `trainer.accelerator=cpu`).
+    """
+    name = str(accelerator).lower()
+    if name in CUDA_ACCELERATORS and not has_cuda():
+        needs = "a CUDA GPU"
+        instead = ["mps", "auto"] if has_mps() else ["cpu", "auto"]
+    elif name == "mps" and not has_mps():
+        needs = "an Apple MPS device"
+        instead = ["gpu", "auto"] if has_cuda() else ["cpu", "auto"]
+    else:
+        return None
+    choose = "trainer=" if by_group else "trainer.accelerator="
+    chosen = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+    given = f" (trainer={chosen})" if by_group and chosen else ""
+    return (
+        f"trainer.accelerator={accelerator}{given} needs {needs}, and this machine has "
+        f"{machine_accelerators()}: run with {choose}{instead[0]} instead, "
+        f"or {choose}auto to take the best this machine has"
+    )
 
 
 def val_size_problem(val_size: Any, n_train: int | None = None) -> str | None:
@@ -53,6 +94,17 @@ def config_problems(cfg: DictConfig) -> list[str]:
         return OmegaConf.select(cfg, key, default=_MISSING)
 
     problems = []
+    for key in SEED_KEYS:
+        value = get(key)
+        if _is_interpolation(cfg, key):
+            continue  # data.seed: ${seed} is checked as seed, not reported twice
+        if value is not _MISSING and not (_is_int(value) and 0 <= value <= MAX_SEED):
+            problems.append(_bad(key, value, f"a seed must be a whole number from 0 to {MAX_SEED}"))
+    accelerator = get("trainer.accelerator")
+    if accelerator is not _MISSING and accelerator is not None:
+        problem = accelerator_problem(accelerator, by_group=get("trainer._target_") is not _MISSING)
+        if problem is not None:
+            problems.append(problem)
     lr = get("model.optimizer.lr")
     if lr is not _MISSING and not (_is_number(lr) and lr > 0):
         problems.append(_bad("model.optimizer.lr", lr, "the learning rate must be a number > 0"))

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,8 @@ from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from mnist_adder.cli import build
+from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import make_batch
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def project_throughput(cfg: DictConfig, steps: int, warmup: int, log_dir: str) -> float:
     """Images/s of Trainer + datamodule + module as scripts/train.py runs them, logging on."""
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.model)
+    datamodule = build(cfg.data, "data")
+    module = build(cfg.model, "model")
     clock = _StepClock(warmup)
     with open_dict(cfg):
         trainer_cfg = cfg.trainer.copy()
@@ -73,7 +74,7 @@ def project_throughput(cfg: DictConfig, steps: int, warmup: int, log_dir: str) -
             enable_checkpointing=False,
         )
     logger = TensorBoardLogger(log_dir, name="", version="")
-    trainer = hydra.utils.instantiate(trainer_cfg, callbacks=[clock], logger=logger)
+    trainer = build(trainer_cfg, "trainer", callbacks=[clock], logger=logger)
     trainer.fit(module, datamodule=datamodule)
     return steps * cfg.data.batch_size / (clock.end - clock.start)
 
@@ -93,9 +94,9 @@ def _random_batches(datamodule: Any, batch_size: int, device: torch.device) -> I
 
 def raw_throughput(cfg: DictConfig, steps: int, warmup: int, device: torch.device) -> float:
     """Images/s of a bare loop: same net, optimizer, schedule, loss and tensors; no Lightning."""
-    datamodule = hydra.utils.instantiate(cfg.data, on_device=False)
+    datamodule = build(cfg.data, "data", on_device=False)
     datamodule.setup("fit")
-    module = hydra.utils.instantiate(cfg.model)
+    module = build(cfg.model, "model")
     net = module.net.to(device).train()
     optimizer = module.optimizer_factory(params=net.parameters())
     scheduler = module.scheduler_factory(optimizer=optimizer, total_steps=warmup + steps + 1)
@@ -136,6 +137,7 @@ def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
         )
         with open_dict(run_cfg):
             run_cfg.paths.output_dir = cfg.paths.output_dir
+        check_config(run_cfg)  # trainer=gpu without a GPU, a bad override: one line, before any work
         pl.seed_everything(0, workers=True, verbose=False)
         project, raw = [], []
         for _ in range(cfg.repeats):
@@ -144,7 +146,7 @@ def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
             device = _device_of(run_cfg)
             raw.append(raw_throughput(run_cfg.copy(), cfg.steps, cfg.warmup, device))
         device_name = _describe(device)
-        module = hydra.utils.instantiate(run_cfg.model)
+        module = build(run_cfg.model, "model")
         row = {
             "model": model,
             "device": device_name,
@@ -166,12 +168,16 @@ def _device_of(cfg: DictConfig) -> torch.device:
     accelerator = str(cfg.trainer.accelerator)
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", 0)
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
     return torch.device("cpu")
 
 
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple silicon)"
     return f"cpu ({torch.get_num_threads()} threads)"
 
 

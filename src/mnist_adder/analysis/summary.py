@@ -15,11 +15,12 @@ with k the effective kernel size (dilation d: d * (k - 1) + 1).
 import math
 from dataclasses import dataclass
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mnist_adder.cli import build
+from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import NUM_DIGITS
 
 IMAGE_SIZE = 28
@@ -158,7 +159,8 @@ def format_receptive_fields(fields: list[Field]) -> str:
 
 def summary(cfg: DictConfig) -> str:
     """Print the layer table of `cfg.model` and its backbone's receptive fields; return the text."""
-    net = hydra.utils.instantiate(cfg.model).net
+    check_config(cfg)
+    net = build(cfg.model, "model").net
     layers = layer_table(net)
     text = "\n\n".join([format_layer_table(layers, net), format_receptive_fields(receptive_fields(layers))])
     print(text)

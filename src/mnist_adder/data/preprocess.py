@@ -24,6 +24,15 @@ NOISE_FLOOR = 0.15
 MIN_CONTRAST = 32.0
 
 
+def is_image_name(path: str | Path) -> bool:
+    """Whether the file's extension is one of a format PIL opens (.png, .jpg, .jpeg, .bmp, .tif, ...).
+
+    What a folder of images means: its image files. A file named alone is read whatever its name.
+    """
+    Image.init()  # registers every plugin, so the table holds all of PIL's formats
+    return Image.registered_extensions().get(Path(path).suffix.lower()) in Image.OPEN
+
+
 def read_grayscale(path: str | Path) -> np.ndarray:
     """Gray levels 0..255 (float32 [H, W]) of a PNG, JPEG or any image PIL reads; a UserError if it can't.
 

@@ -9,11 +9,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from mnist_adder.cli import build
+from mnist_adder.config_checks import accelerator_problem, check_config
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.results import format_per_class, format_results, write_json_atomic
@@ -39,15 +39,14 @@ def _test_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.T
     for key in ("accelerator", "precision"):
         if cfg.trainer.get(key) is not None:
             overrides[key] = cfg.trainer[key]
-    try:
-        return hydra.utils.instantiate(stored, **overrides)
-    except (MisconfigurationException, ValueError) as err:
+    # The checkpoint's accelerator may be one this machine lacks (trained on a GPU, tested on a laptop).
+    problem = accelerator_problem(overrides.get("accelerator", stored.get("accelerator")), by_group=False)
+    if problem is not None:
         raise UserError(
-            f"cannot test here with accelerator={overrides.get('accelerator', stored.get('accelerator'))}, "
-            f"precision={overrides.get('precision', stored.get('precision'))} ({str(err).splitlines()[0]}). "
-            "Choose others, e.g. trainer.accelerator=cpu (for a checkpoint trained on another accelerator "
-            "the numbers may then differ from training's in the last digits)."
-        ) from err
+            f"{problem} (the checkpoint was trained with accelerator={stored.get('accelerator')}; on another "
+            "accelerator the numbers may differ from training's in the last digits)."
+        )
+    return build(stored, "trainer", **overrides)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -56,6 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(
             f"no checkpoint given: python scripts/eval.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
         )
+    check_config(cfg)
     ckpt_path = Path(cfg.ckpt_path).resolve()
     output_dir = Path(cfg.paths.output_dir)
     module, run_config = load_checkpoint(ckpt_path)
@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_config = run_config.data.copy()
     # The data as the run saw it (batch sizes, pair seeds), read from this machine's data folder.
     data_config.data_dir = cfg.paths.data_dir
-    datamodule = hydra.utils.instantiate(data_config)
+    datamodule = build(data_config, "data")
     datamodule.prepare_data()
     trainer = _test_trainer(run_config.trainer, cfg, output_dir)
     test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]

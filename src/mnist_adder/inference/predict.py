@@ -1,9 +1,9 @@
 """Reading users' images with a trained model, behind scripts/predict.py.
 
-Images are files, folders (every file in them, by name) or lists of both; the number is one for all or
-one per image. Each image gives one line: text for people, or one JSON object for scripts. An image that
-cannot be read gives an error line in its place and the others still get theirs; the exit status then
-says that something failed.
+Images are files, folders (the image files in them, by name; other files are skipped with a note) or
+lists of both; the number is one for all or one per image. Each image gives one line: text for people,
+or one JSON object for scripts. An image that cannot be read gives an error line in its place and the
+others still get theirs; the exit status then says that something failed.
 """
 
 import json
@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from mnist_adder.data.batches import NUM_DIGITS
-from mnist_adder.data.preprocess import preprocess_image
+from mnist_adder.data.preprocess import is_image_name, preprocess_image
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 
@@ -51,8 +51,19 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, ListConfig | list | tuple) else [value]
 
 
+def _skipped_note(folder: str, skipped: list[Path]) -> str:
+    names = ", ".join(p.name for p in skipped[:5]) + (
+        f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    )
+    return (
+        f"note: {folder}: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+        f"{'are' if len(skipped) > 1 else 'is'} not an image by extension: {names}"
+    )
+
+
 def image_paths(images: Any) -> list[str]:
-    """The image files named: files as given, folders expanded to their files (not hidden ones), by name."""
+    """The image files named: files as given, folders expanded to their image files (by extension, not
+    hidden ones), by name. Other files in a folder are skipped with one note per folder on stderr."""
     entries = [str(entry) for entry in _as_list(images) if entry is not None and str(entry) != ""]
     if not entries:
         raise UserError(f"no image given: {USAGE}")
@@ -61,9 +72,17 @@ def image_paths(images: Any) -> list[str]:
         folder = Path(entry)
         if folder.is_dir():
             files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not files:
-                raise UserError(f"folder {entry} holds no files: put the images to read in it.")
-            paths += [str(p) for p in files]
+            images_in = [p for p in files if is_image_name(p)]
+            skipped = [p for p in files if not is_image_name(p)]
+            if not images_in:
+                held = f" (it holds {len(files)} other file{'s' if len(files) > 1 else ''})" if files else ""
+                raise UserError(
+                    f"folder {entry} holds no image files{held}: put the images to read in it "
+                    "(PNG, JPEG or another format PIL reads, by extension)."
+                )
+            if skipped:
+                print(_skipped_note(entry, skipped), file=sys.stderr, flush=True)
+            paths += [str(p) for p in images_in]
         else:
             paths.append(entry)  # a missing file is reported in its place, with the others' results
     return paths
@@ -131,6 +150,9 @@ def predict(cfg: DictConfig) -> list[Prediction | Failure]:
     module, _ = load_checkpoint(cfg.ckpt_path)
 
     results = predict_images(module, paths, numbers)
+    if output_format == "text" and len(results) == 1 and isinstance(results[0], Failure):
+        # One image named alone: its error is the one line, not also a count of failures.
+        raise UserError(f"{results[0].image}: {results[0].error}")
     for result in results:
         if output_format == "json":
             print(json.dumps(asdict(result)), flush=True)

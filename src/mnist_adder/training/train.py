@@ -5,14 +5,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mnist_adder.cli import _in_multirun
+from mnist_adder.cli import _in_multirun, build
 from mnist_adder.config_checks import check_config, check_resume
 from mnist_adder.errors import UserError
 from mnist_adder.results import format_results, write_json_atomic
@@ -23,11 +22,11 @@ from mnist_adder.training.scaleout import check_process_launch
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None) -> list[Any]:
+def instantiate_group(group: DictConfig | None, key: str = "") -> list[Any]:
     """Instantiate every entry of a config group that holds several objects (callbacks, loggers)."""
     if not group:
         return []
-    return [hydra.utils.instantiate(entry) for entry in group.values() if entry is not None]
+    return [build(entry, f"{key}.{name}") for name, entry in group.items() if entry is not None]
 
 
 def _find(callbacks: list[Any], kind: type) -> Any:
@@ -47,21 +46,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.paths.output_dir = str(output_dir)  # resuming: continue in the checkpoint's own run folder
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = build(cfg.data, "data")
     datamodule.prepare_data()  # a missing dataset stops the run here, before anything is built
-    module = hydra.utils.instantiate(cfg.model)
+    module = build(cfg.model, "model")
     # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
     module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
 
     # Always on, whatever the callbacks group: exact resumes and a stop on a NaN/inf loss.
     callbacks = [
-        *instantiate_group(cfg.get("callbacks")),
+        *instantiate_group(cfg.get("callbacks"), "callbacks"),
         RandomState(),
         FlushLoggers(),
         NonFiniteLossGuard(),
     ]
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     check_process_launch(trainer)
 
     try:
@@ -87,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else None,
         "fit_seconds": fit_seconds,
         "num_parameters": sum(p.numel() for p in module.net.parameters()),
+        "precision": str(trainer.precision),  # as run: trainer=auto decides it on the machine
         "model": _choice("model"),
         "seed": cfg.seed,
         "resumed_from": cfg.get("ckpt_path"),
