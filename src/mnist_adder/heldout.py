@@ -19,8 +19,8 @@ NUM_DIGITS = 10
 
 # One pair for each of the 19 sums 0..18 (digit + number), so every sum has a pair the adder never saw.
 # Chosen so that no digit and no number is held out more than twice: every digit keeps at least 8 of
-# its 10 numbers, and no sum loses all of its examples (sums 0 and 18 have a single pair, (0,0) and (9,9):
-# the adder meets those sums on the test set only).
+# its 10 numbers. Sums 0 and 18 have a single pair each, (0,0) and (9,9), so with this preset the sum
+# head never sees those two classes in training.
 ONE_PER_SUM = (
     (0, 0), (1, 0), (0, 2), (1, 2), (3, 1), (4, 1), (2, 4), (2, 5), (3, 5), (5, 4),
     (4, 6), (5, 6), (9, 3), (6, 7), (7, 7), (7, 8), (8, 8), (8, 9), (9, 9),
