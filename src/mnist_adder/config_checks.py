@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.devices import CUDA_ACCELERATORS, has_cuda, has_mps, machine_accelerators
 from mnist_adder.errors import UserError
+from mnist_adder.heldout import HELDOUT_PRESETS, NUM_DIGITS, heldout_pair_list
 
 _MISSING = object()
 
@@ -87,6 +88,47 @@ def check_val_size(val_size: Any, n_train: int) -> None:
         raise UserError(f"{problem}.")
 
 
+def heldout_pairs_problem(value: Any) -> str | None:
+    """Why `data.heldout_pairs` is wrong (None if fine): null, a preset name, or [digit, number] pairs."""
+    presets = ", ".join(HELDOUT_PRESETS)
+    allowed = (
+        f"give a list of [digit, number] pairs with both in 0..{NUM_DIGITS - 1}, e.g. [[3,4],[7,2]], "
+        f"a preset ({presets}), or null to hold out nothing"
+    )
+    if value is None:
+        return None
+    if isinstance(value, str):
+        known = value in HELDOUT_PRESETS
+        return None if known else _bad("data.heldout_pairs", value, f"unknown preset; {allowed}")
+    shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not isinstance(shown, list | tuple) or not all(
+        isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and all(_is_int(v) and 0 <= v < NUM_DIGITS for v in pair)
+        for pair in shown
+    ):
+        return _bad("data.heldout_pairs", shown, allowed)
+    held_per_digit = [0] * NUM_DIGITS
+    for digit, _ in set(heldout_pair_list(shown)):
+        held_per_digit[digit] += 1
+    full = [digit for digit, count in enumerate(held_per_digit) if count == NUM_DIGITS]
+    if full:
+        return _bad(
+            "data.heldout_pairs",
+            shown,
+            f"it holds out all {NUM_DIGITS} numbers of digit {', '.join(map(str, full))}, so its training "
+            "images could be paired with no number; leave at least one number per digit",
+        )
+    return None
+
+
+def check_heldout_pairs(value: Any) -> None:
+    """Raise a UserError unless `value` is a valid `data.heldout_pairs`."""
+    problem = heldout_pairs_problem(value)
+    if problem is not None:
+        raise UserError(f"{problem}.")
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every bad value in `cfg`, one sentence each (empty when all is well)."""
 
@@ -123,6 +165,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
         )
     val_size = get("data.val_size")
     if val_size is not _MISSING and (problem := val_size_problem(val_size)) is not None:
+        problems.append(problem)
+    heldout_pairs = get("data.heldout_pairs")
+    if heldout_pairs is not _MISSING and (problem := heldout_pairs_problem(heldout_pairs)) is not None:
         problems.append(problem)
     max_epochs = get("trainer.max_epochs")
     # None leaves the choice to Lightning (max_steps decides); anything given must be a real count.

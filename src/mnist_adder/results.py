@@ -6,7 +6,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TABLE_METRICS = ("digit_acc", "sum_acc", "both_acc", "sum_given_digit_acc", "loss")
+# The seen/unseen pair accuracies exist only in runs that held pairs out (data.heldout_pairs).
+TABLE_METRICS = (
+    "digit_acc",
+    "sum_acc",
+    "both_acc",
+    "sum_given_digit_acc",
+    "sum_acc_seen_pairs",
+    "sum_acc_unseen_pairs",
+    "loss",
+)
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:

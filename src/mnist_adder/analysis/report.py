@@ -20,15 +20,20 @@ from omegaconf import OmegaConf
 from mnist_adder.errors import UserError
 from mnist_adder.training.jobs import read_job_status
 
+Column = tuple[str, str, bool]
 # (metrics.json key, column title, shown in percent)
-COLUMNS = (
+COLUMNS: tuple[Column, ...] = (
     ("test/digit_acc", "digit acc %", True),
     ("test/sum_acc", "sum acc %", True),
     ("test/both_acc", "both acc %", True),
     ("test/sum_given_digit_acc", "sum given digit %", True),
+    ("test/sum_acc_seen_pairs", "sum seen pairs %", True),
+    ("test/sum_acc_unseen_pairs", "sum unseen pairs %", True),
     ("num_parameters", "parameters", False),
     ("fit_seconds", "fit s", False),
 )
+# Only runs with data.heldout_pairs have these: shown when some job has them, never as a column of "-".
+OPTIONAL_KEYS = frozenset({"test/sum_acc_seen_pairs", "test/sum_acc_unseen_pairs"})
 SEED_KEY = "seed"
 MISSING = "no metrics.json"
 
@@ -143,7 +148,13 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarize(group: Group) -> dict[str, Any]:
+def shown_columns(jobs: Sequence[Job]) -> tuple[Column, ...]:
+    """COLUMNS without the optional ones that no job's metrics.json has."""
+    present = {key for job in jobs if job.metrics is not None for key in job.metrics}
+    return tuple(column for column in COLUMNS if column[0] not in OPTIONAL_KEYS or column[0] in present)
+
+
+def summarize(group: Group, columns: Sequence[Column] = COLUMNS) -> dict[str, Any]:
     """One row: runs, seeds, failed/missing counts, and (mean, std) per column."""
     done = group.completed
     row: dict[str, Any] = {
@@ -153,7 +164,7 @@ def summarize(group: Group) -> dict[str, Any]:
         "failed": sum(job.status == "failed" for job in group.jobs),
         "missing": sum(job.status == MISSING for job in group.jobs),
     }
-    for key, _, _ in COLUMNS:
+    for key, _, _ in columns:
         values = [float(job.metrics[key]) for job in done if job.metrics.get(key) is not None]
         row[key] = mean_std(values)
     return row
@@ -171,15 +182,15 @@ def _cell(stats: tuple[float | None, float | None], percent: bool, key: str) -> 
     return f"{text} ± {fmt.format(scale * std)}"
 
 
-def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["configuration", "runs", "seeds", *(title for _, title, _ in COLUMNS), "failed", "no metrics"]
+def format_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[Column] = COLUMNS) -> str:
+    header = ["configuration", "runs", "seeds", *(title for _, title, _ in columns), "failed", "no metrics"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
             f"`{row['configuration']}`",
             str(row["runs"]),
             ",".join(row["seeds"]) or "-",
-            *(_cell(row[key], percent, key) for key, _, percent in COLUMNS),
+            *(_cell(row[key], percent, key) for key, _, percent in columns),
             str(row["failed"]),
             str(row["missing"]),
         ]
@@ -187,13 +198,13 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_csv(rows: Sequence[dict[str, Any]]) -> str:
+def format_csv(rows: Sequence[dict[str, Any]], columns: Sequence[Column] = COLUMNS) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    stat_columns = [f"{key}_{stat}" for key, _, _ in COLUMNS for stat in ("mean", "std")]
+    stat_columns = [f"{key}_{stat}" for key, _, _ in columns for stat in ("mean", "std")]
     writer.writerow(["configuration", "runs", "seeds", *stat_columns, "failed", "no_metrics"])
     for row in rows:
-        stats = [("" if v is None else v) for key, _, _ in COLUMNS for v in row[key]]
+        stats = [("" if v is None else v) for key, _, _ in columns for v in row[key]]
         writer.writerow(
             [row["configuration"], row["runs"], " ".join(row["seeds"]), *stats, row["failed"], row["missing"]]
         )
@@ -230,18 +241,19 @@ def build_report(
 ) -> tuple[str, str]:
     """(report for stdout, notes for stderr): the table, and in markdown the context around it."""
     jobs = [job for folder in folders for job in find_jobs(Path(folder))]
-    rows = [summarize(group) for group in group_jobs(jobs, group_by)]
+    columns = shown_columns(jobs)
+    rows = [summarize(group, columns) for group in group_jobs(jobs, group_by)]
     problems = unfinished(jobs)
     if fmt == "csv":
         # stdout stays a clean CSV; what a reader must still know goes to stderr.
         notes = [f"{len(problems)} job(s) without results:", *problems] if problems else []
-        return format_csv(rows), "\n".join(notes)
+        return format_csv(rows, columns), "\n".join(notes)
     parts = [f"Runs in {', '.join(str(f) for f in folders)}: {len(jobs)} job(s)."]
     shared = shared_overrides(jobs)
     if shared and not group_by:
         parts.append(f"Shared by all: `{' '.join(shared)}`.")
     parts.append("Test metrics from each run's metrics.json; mean ± std over seeds (sample std).\n")
-    parts.append(format_markdown(rows))
+    parts.append(format_markdown(rows, columns))
     if problems:
         parts.append(f"\nJobs without results ({len(problems)}):")
         parts.extend(problems)

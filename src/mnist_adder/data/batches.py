@@ -22,14 +22,32 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, numbers: torch.Tensor
     return images, number_onehot, labels, sum_onehot
 
 
-def draw_numbers(count: int, seed: int) -> torch.Tensor:
-    """`count` numbers uniform over all of 0..9, reproducible from `seed` on any device."""
+def draw_numbers(
+    count: int, seed: int, labels: torch.Tensor | None = None, heldout: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`count` numbers, reproducible from `seed` on any device: uniform over all of 0..9, or, given the
+    digit `labels` (CPU) and a (10, 10) `heldout` table of [digit, number] pairs, uniform over the
+    numbers whose pair with the sample's digit is not held out."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, NUM_DIGITS, (count,), generator=generator)
+    numbers = torch.randint(0, NUM_DIGITS, (count,), generator=generator)
+    if heldout is None:
+        return numbers
+    # Only the held-out draws change, from draws made after the first ones: with heldout=None the
+    # numbers are exactly those of before, and the allowed pairs of a digit stay equally likely
+    # (1/10 + (k/10) / (10 - k) = 1 / (10 - k) each, k of its numbers held out).
+    allowed = ~heldout
+    allowed_count = allowed.sum(dim=1)
+    # Row d: digit d's allowed numbers first, in order (a stable sort puts the False of ~allowed first).
+    allowed_numbers = torch.sort((~allowed).to(torch.uint8), dim=1, stable=True).indices
+    uniform = torch.rand(count, generator=generator, dtype=torch.float64)
+    counts = allowed_count[labels]
+    pick = torch.minimum((uniform * counts).long(), counts - 1)
+    return torch.where(heldout[labels, numbers], allowed_numbers[labels, pick], numbers)
 
 
 class TrainBatches:
-    """Shuffled training batches whose numbers are drawn afresh every epoch (or once, if not resampled).
+    """Shuffled training batches whose numbers are drawn afresh every epoch (or once, if not resampled),
+    never forming a held-out (digit, number) pair when `heldout` is given.
 
     The order and the numbers of epoch e come from (seed, e) alone, so a resumed run sees exactly the
     batches it would have seen, and every DDP rank shares one permutation and takes its own slice.
@@ -54,8 +72,12 @@ class TrainBatches:
         world_size: int = 1,
         drop_last: bool = True,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        heldout: torch.Tensor | None = None,
     ) -> None:
         self.images, self.labels = images, labels
+        # (10, 10) bool, [digit, number] never to be drawn; the numbers are drawn on the CPU from the labels.
+        self.heldout = heldout
+        self._cpu_labels = labels.cpu() if heldout is not None else None
         self.augment = augment
         self.batch_size, self.seed = batch_size, seed
         self.resample_numbers = resample_numbers
@@ -83,7 +105,7 @@ class TrainBatches:
         generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
         order = torch.randperm(len(self.labels), generator=generator)
         number_seed = self._epoch_seed(epoch if self.resample_numbers else 0) + 500_009
-        numbers = draw_numbers(len(self.labels), number_seed)
+        numbers = draw_numbers(len(self.labels), number_seed, self._cpu_labels, self.heldout)
         per_rank = self._per_rank()
         order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         return order, numbers

@@ -1,16 +1,17 @@
 """The LightningDataModule: MNIST images paired with a random number, batches of
 (image, number_onehot, label, sum_onehot)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from mnist_adder.config_checks import check_val_size
+from mnist_adder.config_checks import check_heldout_pairs, check_val_size
 from mnist_adder.data.batches import EvalBatches, TrainBatches, draw_numbers
 from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize
+from mnist_adder.heldout import heldout_table
 
 
 class MnistSumDataModule(pl.LightningDataModule):
@@ -19,6 +20,10 @@ class MnistSumDataModule(pl.LightningDataModule):
     The validation split and the validation/test numbers come from `split_seed` and `pair_seed`, not
     from the run's `seed`: every run, whatever its seed, is selected and tested on the same pairs.
     Training order and numbers come from `seed` (and the epoch, when `resample_numbers`).
+
+    `heldout_pairs` (see mnist_adder.heldout) never occur in training or validation: the numbers that
+    would form one are drawn again among the digit's other numbers. The test pairs stay as they are;
+    `heldout_table` tells which of them were held out.
     """
 
     def __init__(
@@ -34,8 +39,12 @@ class MnistSumDataModule(pl.LightningDataModule):
         pair_seed: int = 1234,
         on_device: bool = True,
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        heldout_pairs: str | Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
+        check_heldout_pairs(heldout_pairs)
+        # (10, 10) bool on the CPU, True at [digit, number] for a held-out pair; None when none is held out.
+        self.heldout_table = heldout_table(heldout_pairs)
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size = val_size
@@ -67,7 +76,9 @@ class MnistSumDataModule(pl.LightningDataModule):
             images = normalize(images)
             self._splits["train"] = (images[train_idx].unsqueeze(1).to(device), labels[train_idx].to(device))
             self._splits["val"] = (images[val_idx].unsqueeze(1).to(device), labels[val_idx].to(device))
-            self._numbers["val"] = draw_numbers(self.val_size, self.pair_seed + 1)
+            self._numbers["val"] = draw_numbers(
+                self.val_size, self.pair_seed + 1, labels[val_idx], self.heldout_table
+            )
         if stage in (None, "test") and "test" not in self._splits:
             images, labels = load_mnist(self.data_dir, train=False)
             self._splits["test"] = (normalize(images).unsqueeze(1).to(device), labels.to(device))
@@ -109,6 +120,7 @@ class MnistSumDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             augment=self.augment,
+            heldout=self.heldout_table,
         )
         if self._train_resume_state is not None:
             batches.load_state_dict(self._train_resume_state)

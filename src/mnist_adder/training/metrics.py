@@ -47,3 +47,26 @@ class DigitSumMetrics(Metric):
             # Sum right among digit right: both right / digit right.
             "sum_given_digit_acc": both_right / digit_right.clamp(min=1),
         }
+
+
+class HeldoutPairSumAccuracy(Metric):
+    """Sum accuracy apart on samples whose (digit, number) pair was seen in training and on those whose
+    pair was held out (`data.heldout_pairs`): does the adder add, or did it memorise the pairs?"""
+
+    full_state_update = False
+    # totals: sum right on seen pairs, samples with seen pairs, sum right on unseen pairs, samples with unseen
+    totals: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("totals", default=torch.zeros(4), dist_reduce_fx="sum")
+
+    def update(self, sum_right: torch.Tensor, unseen_pair: torch.Tensor) -> None:
+        seen_pair = ~unseen_pair
+        counts = [(sum_right & seen_pair).sum(), seen_pair.sum(), (sum_right & unseen_pair).sum()]
+        self.totals += torch.stack([*counts, unseen_pair.sum()]).float()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        # A group without samples (a test cut to a few batches) gives NaN (0/0), not a made-up 0.
+        seen_right, seen, unseen_right, unseen = self.totals
+        return {"sum_acc_seen_pairs": seen_right / seen, "sum_acc_unseen_pairs": unseen_right / unseen}

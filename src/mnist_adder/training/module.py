@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.models.digit_sum import DigitSumNet
-from mnist_adder.training.metrics import DigitSumMetrics
+from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy
 
 STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
@@ -38,6 +38,10 @@ class DigitSumModule(pl.LightningModule):
     how well the adder adds. Validation and test also give the per-class accuracy of each head,
     `{val,test}/{digit,sum}_acc_per_class` (lists of 10 and 19), in `per_class_results` and as one
     scalar per class in the loggers (`{stage}/{name}/<class>`).
+
+    When the datamodule holds (digit, number) pairs out of training (`data.heldout_pairs`), the test also
+    gives `test/sum_acc_seen_pairs` and `test/sum_acc_unseen_pairs`: the sum accuracy on the test samples
+    whose pair training did and did not see.
     """
 
     def __init__(
@@ -61,6 +65,11 @@ class DigitSumModule(pl.LightningModule):
         )
         # The last epoch's per-class accuracies per stage, e.g. {"test/digit_acc_per_class": [10 floats]}.
         self.per_class_results: dict[str, list[float]] = {}
+        # Its states are not saved: checkpoints from before it existed load unchanged.
+        self.heldout_pair_metrics = HeldoutPairSumAccuracy()
+        # (10, 10) bool, True at [digit, number] for a pair held out of training: taken from the
+        # datamodule when a test starts (None: nothing held out, no seen/unseen split).
+        self.heldout_table: torch.Tensor | None = None
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(image, number_onehot)
@@ -82,6 +91,9 @@ class DigitSumModule(pl.LightningModule):
                 per_class = self.per_class_metrics[f"{stage}_per_class"]
                 per_class["digit_acc_per_class"].update(digit_pred, label)
                 per_class["sum_acc_per_class"].update(sum_pred, sum_label)
+            if stage == "test" and self.heldout_table is not None:
+                unseen_pair = self.heldout_table[label, number_onehot.argmax(dim=-1)]
+                self.heldout_pair_metrics.update(sum_right, unseen_pair)
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
         return loss, digit_pred, sum_pred
@@ -124,9 +136,18 @@ class DigitSumModule(pl.LightningModule):
         self._log_epoch("val")
         self._end_per_class_epoch("val")
 
+    def on_test_epoch_start(self) -> None:
+        # The held-out pairs belong to the data: the datamodule that builds the test batches (from the
+        # run config, also in scripts/eval.py) says which; plain dataloaders hold nothing out.
+        table = getattr(self.trainer.datamodule, "heldout_table", None)
+        self.heldout_table = table.to(self.device) if table is not None else None
+
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
         self._end_per_class_epoch("test")
+        if self.heldout_table is not None:
+            self.log_dict({f"test/{name}": v for name, v in self.heldout_pair_metrics.compute().items()})
+            self.heldout_pair_metrics.reset()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
