@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -130,7 +131,7 @@ def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
             config_name="train",
             overrides=[
                 f"model={model}",
-                f"trainer={cfg.trainer}",
+                f"trainer={_trainer_choice()}",
                 f"paths.data_dir={cfg.paths.data_dir}",
                 *cfg.get("overrides", []),
             ],
@@ -162,6 +163,11 @@ def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.format != "json":
         print(format_table(rows, cfg))
     return rows
+
+
+def _trainer_choice() -> str:
+    # trainer is a config group here too (a plain key named like a group is refused by Hydra).
+    return HydraConfig.get().runtime.choices.get("trainer", "cpu") if HydraConfig.initialized() else "cpu"
 
 
 def _device_of(cfg: DictConfig) -> torch.device:
