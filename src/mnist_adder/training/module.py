@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mnist_adder.analysis.calibration import calibration_error, reliability_bins
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.models.digit_sum import DigitSumNet
 from mnist_adder.training.metrics import DigitSumMetrics
@@ -18,6 +19,9 @@ STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
 PER_CLASS_STAGES = ("val", "test")
 PER_CLASS_METRICS = {"digit_acc_per_class": NUM_DIGITS, "sum_acc_per_class": NUM_SUMS}
+# Expected calibration error of each head, on the test set only: it keeps one confidence per sample.
+CALIBRATION_STAGES = ("test",)
+CALIBRATION_METRICS = {"digit_ece": NUM_DIGITS, "sum_ece": NUM_SUMS}
 
 
 def _per_class_metrics() -> nn.ModuleDict:
@@ -30,6 +34,10 @@ def _per_class_metrics() -> nn.ModuleDict:
     )
 
 
+def _calibration_metrics() -> nn.ModuleDict:
+    return nn.ModuleDict({name: calibration_error(n) for name, n in CALIBRATION_METRICS.items()})
+
+
 class DigitSumModule(pl.LightningModule):
     """Loss = digit_weight * CE(digit_logits, label) + sum_weight * CE(sum_logits, label + number).
 
@@ -37,7 +45,9 @@ class DigitSumModule(pl.LightningModule):
     per epoch; `sum_given_digit_acc` is the sum accuracy among samples whose digit is right, i.e.
     how well the adder adds. Validation and test also give the per-class accuracy of each head,
     `{val,test}/{digit,sum}_acc_per_class` (lists of 10 and 19), in `per_class_results` and as one
-    scalar per class in the loggers (`{stage}/{name}/<class>`).
+    scalar per class in the loggers (`{stage}/{name}/<class>`). The test also gives the expected
+    calibration error of each head, `test/{digit,sum}_ece` (15 bins, L1), and keeps the bins of its
+    reliability diagram in `calibration_results` (`test/{digit,sum}_reliability`).
     """
 
     def __init__(
@@ -61,6 +71,11 @@ class DigitSumModule(pl.LightningModule):
         )
         # The last epoch's per-class accuracies per stage, e.g. {"test/digit_acc_per_class": [10 floats]}.
         self.per_class_results: dict[str, list[float]] = {}
+        self.calibration_metrics = nn.ModuleDict(
+            {f"{stage}_calibration": _calibration_metrics() for stage in CALIBRATION_STAGES}
+        )
+        # The last test's reliability-diagram bins per head, e.g. {"test/digit_reliability": {...}}.
+        self.calibration_results: dict[str, dict[str, list[float]]] = {}
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(image, number_onehot)
@@ -82,6 +97,11 @@ class DigitSumModule(pl.LightningModule):
                 per_class = self.per_class_metrics[f"{stage}_per_class"]
                 per_class["digit_acc_per_class"].update(digit_pred, label)
                 per_class["sum_acc_per_class"].update(sum_pred, sum_label)
+            if stage in CALIBRATION_STAGES:
+                # Probabilities in float32 (the logits may be bf16 under autocast), as predict reports them.
+                calibration = self.calibration_metrics[f"{stage}_calibration"]
+                calibration["digit_ece"].update(digit_logits.float().softmax(dim=-1), label)
+                calibration["sum_ece"].update(sum_logits.float().softmax(dim=-1), sum_label)
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
         return loss, digit_pred, sum_pred
@@ -124,9 +144,18 @@ class DigitSumModule(pl.LightningModule):
         self._log_epoch("val")
         self._end_per_class_epoch("val")
 
+    def _end_calibration_epoch(self, stage: str) -> None:
+        for name, metric in self.calibration_metrics[f"{stage}_calibration"].items():
+            self.log(f"{stage}/{name}", metric.compute())
+            with metric.sync_context():  # every process's samples, as compute() saw them
+                bins = reliability_bins(metric.confidences, metric.accuracies, metric.n_bins)
+            self.calibration_results[f"{stage}/{name.removesuffix('_ece')}_reliability"] = bins
+            metric.reset()
+
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
         self._end_per_class_epoch("test")
+        self._end_calibration_epoch("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
