@@ -78,13 +78,12 @@ def test_ece_is_a_test_metric_of_training_and_eval_alike(trained_run, real_data_
         bins = evaluated[f"test/{head}_reliability"]
         assert len(bins["count"]) == 15 and sum(bins["count"]) == 10_000  # every test image in one bin
         assert all(0 <= a <= 1 for a in bins["accuracy"])
-        # The diagram's bins are those of the metric: ECE from them matches (torchmetrics keeps a
-        # confidence of exactly 1 in a bin of its own, hence the tolerance).
-        ece = sum(
-            n * abs(a - c)
-            for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True)
-        )
-        assert ece / 10_000 == pytest.approx(trained[key], abs=2e-3)
+        # The diagram's bins are the metric's samples: ECE from them is the metric's, except that
+        # torchmetrics keeps confidences of exactly 1 in a bin of their own (merging two bins can only
+        # lower the weighted gap).
+        gaps = zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True)
+        ece = sum(n * abs(a - c) for n, a, c in gaps) / 10_000
+        assert trained[key] - 0.01 <= ece <= trained[key] + 5e-4  # (and a bin edge may round apart)
         with Image.open(run_dir / f"reliability_{head}.png") as picture:
             assert picture.mode == "RGB" and min(picture.size) > 200
     events = EventAccumulator(str(run_dir / "tensorboard"))
