@@ -15,7 +15,11 @@ TABLE_METRICS = (
     "sum_acc_seen_pairs",
     "sum_acc_unseen_pairs",
     "loss",
+    "digit_ece",
+    "sum_ece",
 )
+# Shown as they are, not in percent: a loss, and calibration errors (a fraction, but not an accuracy).
+PLAIN_METRICS = ("loss", "digit_ece", "sum_ece")
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
@@ -36,12 +40,13 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
 
 
 def format_results(metrics: dict[str, Any], stage: str = "test") -> str:
-    """A short table of one stage's metrics: accuracies in percent, the loss as is."""
+    """A short table of one stage's metrics: accuracies in percent, the loss and calibration errors as is."""
     rows = []
     for name in TABLE_METRICS:
         value = metrics.get(f"{stage}/{name}")
         if value is not None:
-            rows.append((f"{stage}/{name}", f"{value:.4f}" if name == "loss" else f"{100 * value:.2f} %"))
+            text = f"{value:.4f}" if name in PLAIN_METRICS else f"{100 * value:.2f} %"
+            rows.append((f"{stage}/{name}", text))
     if metrics.get("num_parameters") is not None:
         rows.append(("parameters", f"{metrics['num_parameters']:,}"))
     if metrics.get("fit_seconds") is not None:

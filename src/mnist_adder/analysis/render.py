@@ -109,3 +109,56 @@ def misclassified_grid(
             (x + offset, y + side + 17), str(total), fill=BLACK if total == label + number else RED, font=font
         )
     return np.asarray(grid)
+
+
+def reliability_diagram_image(bins: dict[str, Sequence[float]], title: str, size: int = 360) -> np.ndarray:
+    """A reliability diagram from `reliability_bins`: per confidence bin a bar of its accuracy (blue),
+    the gap to its mean confidence (red: over-confident above the bar, under-confident inside it),
+    the diagonal of perfect calibration, and below, the share of samples per bin (log scale: most
+    samples of a good model sit in the last bin)."""
+    counts, confidences, accuracies = bins["count"], bins["confidence"], bins["accuracy"]
+    n_bins, total = len(counts), max(sum(counts), 1)
+    font, small = _font(13), _font(11)
+    left, top, right, gap, hist = 48, 40, 16, 34, 60
+    width, height = left + size + right, top + size + gap + hist + 28
+    image = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 8), title, fill=BLACK, font=font)
+
+    def x_at(value: float) -> float:
+        return left + value * size
+
+    def y_at(value: float, base: int = top + size, span: int = size) -> float:
+        return base - value * span
+
+    bin_width = size / n_bins
+    for k in range(n_bins):
+        if not counts[k]:
+            continue
+        x0, x1 = left + k * bin_width, left + (k + 1) * bin_width - 1
+        accuracy, confidence = accuracies[k], confidences[k]
+        draw.rectangle((x0, y_at(accuracy), x1, y_at(0)), fill=_blend(BLUE, 0.75))
+        low, high = sorted((accuracy, confidence))
+        draw.rectangle((x0, y_at(high), x1, y_at(low)), fill=_blend(RED, 0.45), outline=RED)
+    draw.rectangle((left, top, left + size, top + size), outline=BLACK)
+    draw.line((x_at(0), y_at(0), x_at(1), y_at(1)), fill=GREY, width=1)
+    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        draw.text((left - 6, y_at(tick)), f"{tick:.1f}", fill=BLACK, font=small, anchor="rm")
+        draw.text((x_at(tick), top + size + 4), f"{tick:.1f}", fill=BLACK, font=small, anchor="ma")
+    draw.text((left + 4, top + 4), "accuracy", fill=GREY, font=small, anchor="la")
+    # Sample share per bin on a log scale from 1e-4 to 1.
+    base = top + size + gap + hist
+    draw.text(
+        (left, top + size + 18),
+        "confidence (top probability); below: share of samples, log",
+        fill=GREY,
+        font=small,
+    )
+    for k in range(n_bins):
+        if counts[k]:
+            share = counts[k] / total
+            level = min(max((np.log10(share) + 4) / 4, 0.02), 1.0)
+            x0 = left + k * bin_width
+            draw.rectangle((x0, base - level * hist, x0 + bin_width - 1, base), fill=GREY)
+    draw.line((left, base, left + size, base), fill=BLACK)
+    return np.asarray(image)

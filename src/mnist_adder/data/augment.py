@@ -32,5 +32,11 @@ class RandomAffine:
             [torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)],
             dim=1,
         ).to(images.dtype)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images - BACKGROUND, grid, align_corners=False) + BACKGROUND
+        return warp(images, theta, BACKGROUND)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, background: float = 0.0) -> torch.Tensor:
+    """Each image [N, C, H, W] resampled through its affine map `theta` [N, 2, 3] (output to input
+    coordinates in [-1, 1], as `F.affine_grid`), bilinear; what comes from outside is `background`."""
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images - background, grid, align_corners=False) + background

@@ -2,7 +2,9 @@
 
 The checkpoint's stored run config decides everything that changes the numbers (the model, the data
 and its fixed test pairs, the trainer's precision and test limits), so a checkpoint gives here exactly
-the test numbers its training run wrote to metrics.json.
+the test numbers its training run wrote to metrics.json. The eval run folder also gets a reliability
+diagram per head (PNG, and in its own TensorBoard events) and, with robustness=true, the test under
+corruptions (robustness.json).
 """
 
 import logging
@@ -11,7 +13,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
+from mnist_adder.analysis.render import reliability_diagram_image
+from mnist_adder.analysis.robustness import evaluate_robustness, format_robustness
 from mnist_adder.cli import build
 from mnist_adder.config_checks import accelerator_problem, check_config
 from mnist_adder.errors import UserError
@@ -21,7 +27,7 @@ from mnist_adder.results import format_per_class, format_results, write_json_ato
 log = logging.getLogger(__name__)
 
 
-def _test_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+def test_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     """The checkpoint's own trainer config, on one device, without callbacks, loggers or checkpoints."""
     overrides: dict[str, Any] = {
         "devices": 1,
@@ -49,8 +55,58 @@ def _test_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.T
     return build(stored, "trainer", **overrides)
 
 
+def run_datamodule(run_config: DictConfig, cfg: DictConfig) -> pl.LightningDataModule:
+    """The data as the checkpoint's run saw it (batch sizes, split and pair seeds), read from this
+    machine's data folder."""
+    data_config = run_config.data.copy()
+    data_config.data_dir = cfg.paths.data_dir
+    datamodule = build(data_config, "data")
+    datamodule.prepare_data()
+    return datamodule
+
+
+def _reliability_diagrams(results: dict[str, Any], output_dir: Path, writer: SummaryWriter) -> None:
+    """`reliability_<head>.png` in the run folder and `test/<head>_reliability` in its TensorBoard."""
+    for head in ("digit", "sum"):
+        bins = results.get(f"test/{head}_reliability")
+        if bins is None:
+            continue
+        title = f"{head} head, test set: ECE {results[f'test/{head}_ece']:.4f} (15 bins)"
+        image = reliability_diagram_image(bins, title)
+        Image.fromarray(image).save(output_dir / f"reliability_{head}.png")
+        writer.add_image(f"test/{head}_reliability", image, 0, dataformats="HWC")
+        writer.add_scalar(f"test/{head}_ece", results[f"test/{head}_ece"], 0)
+
+
+def _robustness(
+    cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, writer: SummaryWriter
+) -> None:
+    """The test under every corruption: a table in the log, robustness.json, and TensorBoard curves of
+    accuracy against severity (step 0: clean)."""
+    limit = cfg.robustness_images
+    test_batches = datamodule.test_dataloader()
+    rows = evaluate_robustness(trainer, module, test_batches, cfg.robustness_seed, limit=limit)
+    images = len(test_batches.labels) if limit is None else min(limit, len(test_batches.labels))
+    report = {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "seed": cfg.robustness_seed, "images": images}
+    write_json_atomic(Path(cfg.paths.output_dir) / "robustness.json", report | {"results": rows})
+    clean = rows[0]
+    for row in rows[1:]:
+        for key in ("digit_acc", "sum_acc"):
+            tag = f"robustness/{row['corruption']}/{key}"
+            if row["severity"] == 1:
+                writer.add_scalar(tag, clean[key], 0)
+            writer.add_scalar(tag, row[key], row["severity"])
+    log.info(
+        "Robustness (MNIST test set, first %d images with their fixed pairs, seed %d):\n%s",
+        images,
+        cfg.robustness_seed,
+        format_robustness(rows),
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `cfg.ckpt_path`; return the results also written to `<output_dir>/metrics.json`."""
+    check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise UserError(
             f"no checkpoint given: python scripts/eval.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
@@ -60,16 +116,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     module, run_config = load_checkpoint(ckpt_path)
 
-    data_config = run_config.data.copy()
-    # The data as the run saw it (batch sizes, pair seeds), read from this machine's data folder.
-    data_config.data_dir = cfg.paths.data_dir
-    datamodule = build(data_config, "data")
-    datamodule.prepare_data()
-    trainer = _test_trainer(run_config.trainer, cfg, output_dir)
+    datamodule = run_datamodule(run_config, cfg)
+    trainer = test_trainer(run_config.trainer, cfg, output_dir)
     test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
     results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
     results |= {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
+    results |= module.calibration_results
     results |= {
         "ckpt_path": str(ckpt_path),
         "num_parameters": sum(p.numel() for p in module.net.parameters()),
@@ -79,5 +132,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(output_dir / "metrics.json", results)
     log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
     log.info("Accuracy per true class:\n%s", format_per_class(results))
+    with SummaryWriter(str(output_dir / "tensorboard")) as writer:
+        _reliability_diagrams(results, output_dir, writer)
+        log.info(
+            "Reliability diagrams: %s",
+            ", ".join(str(p) for p in sorted(output_dir.glob("reliability_*.png"))),
+        )
+        if cfg.robustness:
+            _robustness(cfg, trainer, module, datamodule, writer)
     log.info("Run folder: %s", output_dir)
     return results

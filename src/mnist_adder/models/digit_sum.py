@@ -1,11 +1,14 @@
 """The two-input, two-output network: a backbone reads the digit, an adder adds the number."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 AdderInput = Literal["logits", "softmax", "detached"]
+# One temperature per head (temperature scaling, Guo et al. 2017), stored as buffers so that they travel
+# with the weights: in checkpoints, and as constants in the ONNX and TorchScript exports.
+TEMPERATURES = ("digit_temperature", "sum_temperature")
 
 
 class DigitSumNet(nn.Module):
@@ -14,13 +17,43 @@ class DigitSumNet(nn.Module):
     The adder sees `cat([digit_output, number_onehot])`, where digit_output is the backbone's raw
     logits (as the seed did), their softmax (a scale the adder can rely on), or the softmax with the
     gradient stopped (the sum loss then cannot pull on the backbone).
+
+    The returned logits are divided by `digit_temperature` and `sum_temperature` (1 unless a checkpoint
+    was calibrated, see `mnist_adder.analysis.calibration`). The adder always sees the raw digit output,
+    so a temperature changes the probabilities of a head, never its argmax and never the sum.
     """
+
+    digit_temperature: torch.Tensor
+    sum_temperature: torch.Tensor
 
     def __init__(self, backbone: nn.Module, adder: nn.Module, adder_input: AdderInput = "logits") -> None:
         super().__init__()
         if adder_input not in ("logits", "softmax", "detached"):
             raise ValueError(f"adder_input must be logits, softmax or detached, not {adder_input!r}")
         self.backbone, self.adder, self.adder_input = backbone, adder, adder_input
+        # Buffers, not parameters: the optimizer never sees them and parameter counts stay as they were.
+        for name in TEMPERATURES:
+            self.register_buffer(name, torch.ones(()))
+
+    def set_temperatures(self, digit: float, sum_: float) -> None:
+        """Set both heads' temperatures (> 0); 1 and 1 give the raw logits."""
+        for name, value in zip(TEMPERATURES, (digit, sum_), strict=True):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value}")
+            getattr(self, name).fill_(float(value))
+
+    def temperatures(self) -> tuple[float, float]:
+        """(digit temperature, sum temperature)."""
+        return float(self.digit_temperature), float(self.sum_temperature)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Checkpoints written before temperatures existed lack them: they load with temperature 1
+        # (their logits as they were), as BatchNorm does for its num_batches_tracked.
+        for name in TEMPERATURES:
+            state_dict.setdefault(prefix + name, torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         digit_logits = self.backbone(image)
@@ -30,4 +63,6 @@ class DigitSumNet(nn.Module):
         elif self.adder_input == "detached":
             digit_output = digit_logits.detach().softmax(dim=-1)
         sum_logits = self.adder(torch.cat([digit_output, number_onehot], dim=-1))
-        return digit_logits, sum_logits
+        # Only the outputs are scaled, after the adder has used the raw digit output. Dividing by 1 is
+        # exact in floating point, so an uncalibrated net gives bit-identical logits.
+        return digit_logits / self.digit_temperature, sum_logits / self.sum_temperature

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mnist_adder.analysis.calibration import calibration_error, reliability_bins
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.models.digit_sum import DigitSumNet
 from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy
@@ -18,6 +19,9 @@ STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
 PER_CLASS_STAGES = ("val", "test")
 PER_CLASS_METRICS = {"digit_acc_per_class": NUM_DIGITS, "sum_acc_per_class": NUM_SUMS}
+# Expected calibration error of each head, on the test set only: it keeps one confidence per sample.
+CALIBRATION_STAGES = ("test",)
+CALIBRATION_METRICS = {"digit_ece": NUM_DIGITS, "sum_ece": NUM_SUMS}
 
 
 def _per_class_metrics() -> nn.ModuleDict:
@@ -28,6 +32,10 @@ def _per_class_metrics() -> nn.ModuleDict:
             for name, num_classes in PER_CLASS_METRICS.items()
         }
     )
+
+
+def _calibration_metrics() -> nn.ModuleDict:
+    return nn.ModuleDict({name: calibration_error(n) for name, n in CALIBRATION_METRICS.items()})
 
 
 class DigitSumModule(pl.LightningModule):
@@ -42,6 +50,10 @@ class DigitSumModule(pl.LightningModule):
     When the datamodule holds (digit, number) pairs out of training (`data.heldout_pairs`), the test also
     gives `test/sum_acc_seen_pairs` and `test/sum_acc_unseen_pairs`: the sum accuracy on the test samples
     whose pair training did and did not see.
+
+    The test also gives the expected calibration error of each head, `test/{digit,sum}_ece` (15 bins,
+    L1), and keeps the bins of its reliability diagram in `calibration_results`
+    (`test/{digit,sum}_reliability`).
     """
 
     def __init__(
@@ -70,6 +82,11 @@ class DigitSumModule(pl.LightningModule):
         # (10, 10) bool, True at [digit, number] for a pair held out of training: taken from the
         # datamodule when a test starts (None: nothing held out, no seen/unseen split).
         self.heldout_table: torch.Tensor | None = None
+        self.calibration_metrics = nn.ModuleDict(
+            {f"{stage}_calibration": _calibration_metrics() for stage in CALIBRATION_STAGES}
+        )
+        # The last test's reliability-diagram bins per head, e.g. {"test/digit_reliability": {...}}.
+        self.calibration_results: dict[str, dict[str, list[float]]] = {}
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(image, number_onehot)
@@ -94,6 +111,11 @@ class DigitSumModule(pl.LightningModule):
             if stage == "test" and self.heldout_table is not None:
                 unseen_pair = self.heldout_table[label, number_onehot.argmax(dim=-1)]
                 self.heldout_pair_metrics.update(sum_right, unseen_pair)
+            if stage in CALIBRATION_STAGES:
+                # Probabilities in float32 (the logits may be bf16 under autocast), as predict reports them.
+                calibration = self.calibration_metrics[f"{stage}_calibration"]
+                calibration["digit_ece"].update(digit_logits.float().softmax(dim=-1), label)
+                calibration["sum_ece"].update(sum_logits.float().softmax(dim=-1), sum_label)
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
         return loss, digit_pred, sum_pred
@@ -141,6 +163,13 @@ class DigitSumModule(pl.LightningModule):
         # run config, also in scripts/eval.py) says which; plain dataloaders hold nothing out.
         table = getattr(self.trainer.datamodule, "heldout_table", None)
         self.heldout_table = table.to(self.device) if table is not None else None
+    def _end_calibration_epoch(self, stage: str) -> None:
+        for name, metric in self.calibration_metrics[f"{stage}_calibration"].items():
+            self.log(f"{stage}/{name}", metric.compute())
+            with metric.sync_context():  # every process's samples, as compute() saw them
+                bins = reliability_bins(metric.confidences, metric.accuracies, metric.n_bins)
+            self.calibration_results[f"{stage}/{name.removesuffix('_ece')}_reliability"] = bins
+            metric.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
@@ -148,6 +177,7 @@ class DigitSumModule(pl.LightningModule):
         if self.heldout_table is not None:
             self.log_dict({f"test/{name}": v for name, v in self.heldout_pair_metrics.compute().items()})
             self.heldout_pair_metrics.reset()
+        self._end_calibration_epoch("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

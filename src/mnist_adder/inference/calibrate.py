@@ -1,0 +1,121 @@
+"""Temperature scaling of a checkpoint, behind scripts/calibrate.py.
+
+One temperature per head is fitted on the validation split (never the test set) by minimising the
+negative log-likelihood, and written with the weights into `<name>.calibrated.ckpt` beside the checkpoint
+(the user's file is never touched). The net divides its output logits by them (`DigitSumNet`), so eval,
+predict, the demo and the ONNX/TorchScript export of the calibrated file give calibrated probabilities
+with no code of their own; argmax predictions and the sum stay exactly as they were.
+"""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
+from mnist_adder.errors import UserError
+from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.inference.evaluate import run_datamodule, test_trainer
+from mnist_adder.models.digit_sum import TEMPERATURES
+from mnist_adder.results import write_json_atomic
+
+log = logging.getLogger(__name__)
+HEADS = (("digit", "digit_logits", "label"), ("sum", "sum_logits", "sum_label"))
+
+
+def calibrated_path(ckpt_path: str | Path) -> Path:
+    """Where the calibrated copy of a checkpoint goes: `<name>.calibrated.ckpt` beside it."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(f"{ckpt_path.stem}.calibrated.ckpt")
+
+
+def _save_atomic(checkpoint: dict[str, Any], path: Path) -> None:
+    # Whole or not at all, as the training checkpoints: a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_calibration(summary: dict[str, Any]) -> str:
+    """The table for people: per head, its temperature, validation NLL and test ECE before and after."""
+    header = f"{'head':<7}{'T':>8}{'val NLL before':>16}{'after':>9}{'test ECE before':>17}{'after':>9}"
+    lines = [header, "-" * len(header)]
+    for head, *_ in HEADS:
+        s = summary[head]
+        lines.append(
+            f"{head:<7}{s['temperature']:>8.4f}{s['val_nll_before']:>16.4f}{s['val_nll_after']:>9.4f}"
+            f"{s['test_ece_before']:>17.4f}{s['test_ece_after']:>9.4f}"
+        )
+    return "\n".join(lines)
+
+
+def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the temperatures of `cfg.ckpt_path` on validation, write the calibrated checkpoint, and return
+    (and write to `<output_dir>/calibration.json`) the temperatures and the NLL and ECE before and after."""
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            f"no checkpoint given: python scripts/calibrate.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
+        )
+    ckpt_path = Path(cfg.ckpt_path).resolve()
+    output_dir = Path(cfg.paths.output_dir)
+    module, run_config = load_checkpoint(ckpt_path)
+    target = calibrated_path(ckpt_path)
+    if not os.access(target.parent, os.W_OK):
+        raise UserError(
+            f"cannot write {target}: its folder is not writable. Copy the checkpoint somewhere you can write."
+        )
+    net = module.net
+    net.set_temperatures(1.0, 1.0)  # fitted from the raw logits, also when given a calibrated checkpoint
+
+    datamodule = run_datamodule(run_config, cfg)
+    datamodule.setup("fit")
+    val = collect_logits(net, datamodule.val_dataloader())
+    temperatures = {head: fit_temperature(val[logits], val[labels]) for head, logits, labels in HEADS}
+
+    trainer = test_trainer(run_config.trainer, cfg, output_dir)
+    before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    net.set_temperatures(temperatures["digit"], temperatures["sum"])
+    after = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    for key in ("test/digit_acc", "test/sum_acc"):
+        # Dividing logits by a positive number keeps every argmax: the accuracies must not move.
+        # (Two logits that round to the same value after the division could tie; say so if it ever happens.)
+        if before[key] != after[key]:
+            log.warning("calibration changed %s: %s -> %s (rounding ties)", key, before[key], after[key])
+
+    summary: dict[str, Any] = {"ckpt_path": str(ckpt_path), "calibrated_ckpt_path": str(target)}
+    for head, logits, labels in HEADS:
+        summary[head] = {
+            "temperature": temperatures[head],
+            "val_nll_before": nll(val[logits], val[labels]),
+            "val_nll_after": nll(val[logits], val[labels], temperatures[head]),
+            "test_ece_before": float(before[f"test/{head}_ece"]),
+            "test_ece_after": float(after[f"test/{head}_ece"]),
+        }
+    summary["fitted_on"] = (
+        f"validation split ({len(val['label'])} images, data.split_seed={run_config.data.split_seed})"
+    )
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = module.state_dict()
+    for name in TEMPERATURES:
+        checkpoint["state_dict"][f"net.{name}"] = state[f"net.{name}"].clone()
+    checkpoint["calibration"] = {"source": str(ckpt_path), **{head: summary[head] for head, *_ in HEADS}}
+    _save_atomic(checkpoint, target)
+    write_json_atomic(output_dir / "calibration.json", summary)
+    log.info(
+        "Temperatures fitted on the %s; ECE on the MNIST test set (fixed pairs):\n%s",
+        summary["fitted_on"],
+        format_calibration(summary),
+    )
+    log.info("Calibrated checkpoint: %s", target)
+    log.info("Run folder: %s", output_dir)
+    return summary
