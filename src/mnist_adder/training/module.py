@@ -163,6 +163,7 @@ class DigitSumModule(pl.LightningModule):
         # run config, also in scripts/eval.py) says which; plain dataloaders hold nothing out.
         table = getattr(self.trainer.datamodule, "heldout_table", None)
         self.heldout_table = table.to(self.device) if table is not None else None
+
     def _end_calibration_epoch(self, stage: str) -> None:
         for name, metric in self.calibration_metrics[f"{stage}_calibration"].items():
             self.log(f"{stage}/{name}", metric.compute())
