@@ -12,7 +12,7 @@ from mnist_adder.analysis.robustness import CorruptedBatches, evaluate_robustnes
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.corruptions import CORRUPTIONS, corrupt, invert, thicken, thin, to_pixels
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.evaluate import evaluate, run_datamodule, test_trainer
+from mnist_adder.inference.evaluate import evaluate, run_datamodule, evaluation_trainer
 
 from conftest import compose_config
 
@@ -109,7 +109,7 @@ def test_a_tiny_rotation_scores_like_the_clean_test_and_cells_are_reproducible(
         [f"ckpt_path={ckpt_path}", f"paths.data_dir={real_data_dir}"], tmp_path, config_name="eval"
     )
     datamodule = run_datamodule(run_config, cfg)
-    trainer = test_trainer(run_config.trainer, cfg, tmp_path)
+    trainer = evaluation_trainer(run_config.trainer, cfg, tmp_path)
     datamodule.setup("test")
     batches = datamodule.test_dataloader()
     levels = {"rotation": (0.5,), "gaussian_noise": (0.3,)}

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
-from mnist_adder.inference.evaluate import run_datamodule, test_trainer
+from mnist_adder.inference.evaluate import run_datamodule, evaluation_trainer
 from mnist_adder.models.digit_sum import TEMPERATURES
 from mnist_adder.results import write_json_atomic
 
@@ -81,7 +81,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     val = collect_logits(net, datamodule.val_dataloader())
     temperatures = {head: fit_temperature(val[logits], val[labels]) for head, logits, labels in HEADS}
 
-    trainer = test_trainer(run_config.trainer, cfg, output_dir)
+    trainer = evaluation_trainer(run_config.trainer, cfg, output_dir)
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     net.set_temperatures(temperatures["digit"], temperatures["sum"])
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0]

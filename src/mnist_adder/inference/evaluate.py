@@ -27,7 +27,7 @@ from mnist_adder.results import format_per_class, format_results, write_json_ato
 log = logging.getLogger(__name__)
 
 
-def test_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+def evaluation_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     """The checkpoint's own trainer config, on one device, without callbacks, loggers or checkpoints."""
     overrides: dict[str, Any] = {
         "devices": 1,
@@ -117,7 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module, run_config = load_checkpoint(ckpt_path)
 
     datamodule = run_datamodule(run_config, cfg)
-    trainer = test_trainer(run_config.trainer, cfg, output_dir)
+    trainer = evaluation_trainer(run_config.trainer, cfg, output_dir)
     test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
     results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
