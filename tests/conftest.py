@@ -116,6 +116,8 @@ def trained_run(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "data.batch_size=128",
         "trainer.enable_progress_bar=false",
         "seed=1",
+        # The default weight averaging, with a horizon (~100 steps) that fits a 200-step run.
+        "callbacks.ema.decay=0.99",
     ]
     train(compose_config(overrides, run_dir))
     return run_dir

@@ -1,5 +1,6 @@
-"""callbacks=ema: validation, the selected checkpoint, the test in train.py, eval, predict and export all
-use the averaged weights, while the raw ones stay in the checkpoint for resuming."""
+"""Weight averaging (callbacks.ema, in the default callbacks; callbacks=ema names it): validation, the
+selected checkpoint, the test in train.py, eval, predict and export all use the averaged weights, while
+the raw ones stay in the checkpoint for resuming."""
 
 import json
 from pathlib import Path
@@ -121,3 +122,11 @@ def test_predict_and_export_use_the_averaged_weights(ema_run, tmp_path, capsys):
     with torch.inference_mode():
         exported = scripted(image, torch.eye(10)[[3]])
     assert all(torch.allclose(e, a, atol=1e-5) for e, a in zip(exported, averaged, strict=True))
+
+
+def test_the_default_callbacks_average_and_the_short_presets_do_not():
+    ema_target = "pytorch_lightning.callbacks.EMAWeightAveraging"
+    assert compose_config().callbacks.ema._target_ == ema_target
+    assert compose_config(["callbacks=ema"]).callbacks == compose_config().callbacks  # the alias
+    for preset in ("fast", "fast_gpu", "smoke"):
+        assert compose_config([f"experiment={preset}"]).callbacks.get("ema") is None, preset
