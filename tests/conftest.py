@@ -116,6 +116,10 @@ def trained_run(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "data.batch_size=128",
         "trainer.enable_progress_bar=false",
         "seed=1",
+        # The default weight averaging, with a horizon of ~10 steps: one of ~100 (decay 0.99) would
+        # average in the weights of the high learning rates mid-run, a blurred model (mean confidence
+        # 0.56 against 0.90 for the raw weights) whose predictions flip on resampled images.
+        "callbacks.ema.decay=0.9",
     ]
     train(compose_config(overrides, run_dir))
     return run_dir

@@ -29,3 +29,28 @@ def test_benchmark_json_lines(tiny_mnist, tmp_path):
         assert r["project_img_s"] > 0 and r["raw_img_s"] > 0
         assert abs(r["ratio"] - r["project_img_s"] / r["raw_img_s"]) < 1e-2
         assert r["device"].startswith("cpu")
+
+
+def test_benchmark_fast_vs_seed_epoch(tiny_mnist, tmp_path):
+    run_dir = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        "scripts/benchmark.py",
+        "fast=true",
+        "repeats=1",
+        "format=json",
+        f"paths.data_dir={tiny_mnist}",
+        'overrides=["data.val_size=50","data.batch_size=32"]',
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert row["seed_epoch_seconds"] > 0 and row["device"].startswith("cpu")
+    assert abs(row["fast_vs_seed_epoch"] - row["fast_fit_seconds"] / row["seed_epoch_seconds"]) < 1e-2
+    # The fast run went through scripts/train.py's path: selected on validation, tested, its Timer's
+    # fit_seconds in its metrics.json.
+    metrics = json.loads((run_dir / "fast_0" / "metrics.json").read_text())
+    assert metrics["fit_seconds"] == row["fast_fit_seconds"]
+    assert metrics["best_val/both_acc"] is not None and Path(metrics["ckpt_path"]).is_file()
+    assert metrics["test/digit_acc"] == row["fast_test_digit_acc"]

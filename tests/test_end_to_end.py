@@ -25,6 +25,8 @@ def test_train_script_on_real_mnist(real_data_dir, tmp_path):
         "data.batch_size=128",
         "trainer.enable_progress_bar=false",
         "seed=1",
+        # The default weight averaging, with a horizon (~100 steps) that fits a 300-step run.
+        "callbacks.ema.decay=0.99",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

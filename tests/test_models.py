@@ -1,8 +1,11 @@
+import hydra
 import pytest
 import torch
 from torch import nn
 
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
+
+from conftest import compose_config
 
 
 def n_params(module: nn.Module) -> int:
@@ -69,3 +72,15 @@ def test_detached_adder_input_keeps_sum_loss_off_the_backbone():
 def test_unknown_adder_input_is_refused():
     with pytest.raises(ValueError, match="adder_input"):
         DigitSumNet(ConvBackbone(), MLPAdder(), adder_input="probs")
+
+
+def test_stem_keeps_full_resolution_first_and_the_configured_models_fit_their_budget():
+    stem = ConvBackbone(stem_channels=8)
+    first = stem.features[0](torch.randn(2, 1, 28, 28))
+    assert first.shape == (2, 8, 26, 26)  # a 3x3 at full resolution, before any stride
+    assert stem.features[1](first).shape[-2:] == (12, 12)  # then the strided layer, as without a stem
+    assert stem(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+    small = hydra.utils.instantiate(compose_config().model).net
+    assert n_params(small) <= 25_000  # the budget for the default model
+    assert small.backbone.features[0][0].kernel_size == (3, 3)  # the default has the stem

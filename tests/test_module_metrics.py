@@ -25,3 +25,25 @@ def test_losses_are_means_over_samples_not_batches():
     )
     loss = module.stage_metrics["test_metrics"].compute()["loss"]
     assert float(loss) == pytest.approx(float(per_sample.mean()), abs=1e-5)
+
+
+def test_label_smoothing_softens_the_training_loss_only():
+    torch.manual_seed(0)
+    net = DigitSumNet(ConvBackbone(), MLPAdder()).eval()
+    plain = DigitSumModule(net, optimizer=torch.optim.SGD)
+    smoothed = DigitSumModule(net, optimizer=torch.optim.SGD, label_smoothing=0.1)
+    batch = make_batch(torch.randn(6, 1, 28, 28), torch.arange(6), torch.arange(6) % 4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer only warns
+        losses = {
+            (name, stage): float(module._step(batch, stage)[0])
+            for name, module in (("plain", plain), ("smoothed", smoothed))
+            for stage in ("train", "val")
+        }
+        digit_logits, sum_logits = net(batch[0], batch[1])
+    expected = F.cross_entropy(digit_logits, batch[2], label_smoothing=0.1) + F.cross_entropy(
+        sum_logits, batch[3].argmax(dim=-1), label_smoothing=0.1
+    )
+    assert losses["smoothed", "train"] == pytest.approx(float(expected), rel=1e-5)
+    assert losses["smoothed", "train"] != pytest.approx(losses["plain", "train"])
+    assert losses["smoothed", "val"] == losses["plain", "val"]  # comparable across recipes

@@ -248,6 +248,67 @@ def test_an_interrupted_run_saves_last_ckpt_and_resumes_exactly(
     assert json.loads((run / "metrics.json").read_text())["resumed_from"] == str(last)
 
 
+# Weight averaging (callbacks=ema) with a decay short enough to matter in 6 steps; 3 validation batches,
+# so that a SIGTERM during validation stops it mid-pass, while the averaged weights are swapped in; every
+# epoch's checkpoint kept, to compare with.
+EMA = (
+    "callbacks=ema",
+    "callbacks.ema.decay=0.5",
+    "data.eval_batch_size=20",
+    "callbacks.model_checkpoint.save_top_k=-1",
+)
+
+
+@pytest.fixture(scope="module")
+def short_ema_run(short_run, tmp_path_factory) -> tuple[Path, dict]:
+    """short_run's data folder and the results of one uninterrupted short run with weight averaging."""
+    data_dir, _ = short_run
+    return data_dir, train(compose_config(_short(data_dir, *EMA), tmp_path_factory.mktemp("ema_run")))
+
+
+def _interrupt(data_dir: Path, run: Path, signal_name: str, step: int, at_validation: bool) -> int:
+    """Train with SignalAt sending `signal_name` at `step`; the exit status."""
+    send = [
+        "+callbacks.signal._target_=test_resume.SignalAt",
+        f"+callbacks.signal.signal_name={signal_name}",
+        f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.at_validation={at_validation}",
+    ]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train(compose_config(_short(data_dir, *EMA, *send), run))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return stopped.value.code
+
+
+def _same_weights(got: Path, expected: Path) -> None:
+    got_ckpt, expected_ckpt = (torch.load(p, weights_only=False) for p in (got, expected))
+    for key in ("state_dict", "current_model_state"):  # the average, and the weights trained on
+        assert all(torch.equal(got_ckpt[key][k], v) for k, v in expected_ckpt[key].items()), key
+
+
+def test_an_interrupted_ema_run_resumes_exactly(short_ema_run, tmp_path):
+    data_dir, uninterrupted = short_ema_run
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _interrupt(data_dir, tmp_path / "run", "SIGINT", 2, False) == 1 and _ckpt_step(last) == 2
+    resumed = train(compose_config(_short(data_dir, *EMA, f"ckpt_path={last}"), tmp_path / "session"))
+    assert _final(resumed) == _final(uninterrupted)
+    _same_weights(last, Path(uninterrupted["ckpt_path"]).parent / "last.ckpt")
+
+
+def test_an_ema_run_stopped_mid_validation_saves_the_weights_it_trains_on(short_ema_run, tmp_path):
+    data_dir, uninterrupted = short_ema_run
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _interrupt(data_dir, tmp_path / "run", "SIGTERM", 3, True) == 128 + signal.SIGTERM
+    # Saved after the first of 3 validation batches of epoch 0: the same average and raw weights as the
+    # uninterrupted run's checkpoint after that validation, not the two swapped.
+    assert _ckpt_step(last) == 3
+    _same_weights(last, Path(uninterrupted["ckpt_path"]).parent / "epoch_000.ckpt")
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tiny_mnist, tmp_path):
     # A learning rate of 1e30 is a real way to blow up: weights of ~1e28 after one Adam step overflow
     # the next forward pass. Checks run only at logging steps (every 50) and before checkpoints.

@@ -3,6 +3,10 @@
 Both paths train the same model (built from the same config), with the same optimizer and schedule, on
 the same in-memory tensors, in the same process; they are measured alternately and the median of the
 repeats is reported, so slow drifts of the machine hit both alike.
+
+With `fast=true` it compares instead the whole `experiment=fast` training (scripts/train.py's path: fit
+with its validation and checkpoint selection, then the test), timed by its own Timer as `fit_seconds`,
+with one epoch of the seed network in a bare loop over the same training tensors.
 """
 
 import contextlib
@@ -12,6 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,6 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import make_batch
+from mnist_adder.training.train import train
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +99,22 @@ def _random_batches(datamodule: Any, batch_size: int, device: torch.device) -> I
         yield make_batch(x, labels[idx], numbers)
 
 
+def _bare_step(
+    module: Any, net: torch.nn.Module, optimizer: Any, scheduler: Any, batch: tuple, precision: str
+) -> None:
+    """One training step as the module takes it (same loss and weights), without Lightning."""
+    image, number_onehot, label, sum_onehot = batch
+    with _autocast(image.device, precision):
+        digit_logits, sum_logits = net(image, number_onehot)
+        loss = module.digit_weight * F.cross_entropy(digit_logits, label) + module.sum_weight * (
+            F.cross_entropy(sum_logits, sum_onehot.argmax(dim=-1))
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def raw_throughput(cfg: DictConfig, steps: int, warmup: int, device: torch.device) -> float:
     """Images/s of a bare loop: same net, optimizer, schedule, loss and tensors; no Lightning."""
     datamodule = build(cfg.data, "data", on_device=False)
@@ -107,22 +129,99 @@ def raw_throughput(cfg: DictConfig, steps: int, warmup: int, device: torch.devic
         if step == warmup + 1:
             _sync(device)
             start = time.perf_counter()
-        image, number_onehot, label, sum_onehot = next(batches)
-        with _autocast(device, str(cfg.trainer.precision)):
-            digit_logits, sum_logits = net(image, number_onehot)
-            loss = module.digit_weight * F.cross_entropy(digit_logits, label) + module.sum_weight * (
-                F.cross_entropy(sum_logits, sum_onehot.argmax(dim=-1))
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        _bare_step(module, net, optimizer, scheduler, next(batches), str(cfg.trainer.precision))
     _sync(device)
     return steps * cfg.data.batch_size / (time.perf_counter() - start)
 
 
+def bare_epoch_seconds(cfg: DictConfig, device: torch.device) -> float:
+    """Seconds of one epoch of a bare loop: every training image once, in full batches of a fresh
+    permutation (as the project's batches), with cfg's net, optimizer, schedule, loss and augmentation."""
+    datamodule = hydra.utils.instantiate(cfg.data, on_device=False)
+    datamodule.setup("fit")
+    module = hydra.utils.instantiate(cfg.model)
+    net = module.net.to(device).train()
+    images, labels = (t.to(device) for t in datamodule._splits["train"])
+    batch_size = int(cfg.data.batch_size)
+    steps = len(labels) // batch_size
+    optimizer = module.optimizer_factory(params=net.parameters())
+    scheduler = module.scheduler_factory(optimizer=optimizer, total_steps=steps)
+    generator = torch.Generator(device=device).manual_seed(0)
+    _sync(device)
+    start = time.perf_counter()
+    order = torch.randperm(len(labels), device=device, generator=generator)
+    numbers = torch.randint(0, 10, (len(labels),), device=device, generator=generator)
+    for step in range(steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        x = images[idx]
+        if datamodule.augment is not None:
+            x = datamodule.augment(x, generator)
+        batch = make_batch(x, labels[idx], numbers[idx])
+        _bare_step(module, net, optimizer, scheduler, batch, str(cfg.trainer.precision))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _compose_train(cfg: DictConfig, *overrides: str) -> DictConfig:
+    """scripts/train.py's config for this benchmark's trainer, data folder and extra overrides."""
+    return compose(
+        config_name="train",
+        overrides=[
+            *overrides,
+            f"trainer={cfg.trainer}",
+            f"paths.data_dir={cfg.paths.data_dir}",
+            "trainer.enable_progress_bar=false",
+            *cfg.get("overrides", []),
+        ],
+    )
+
+
+def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
+    """`experiment=fast` trained as scripts/train.py does, against one bare-loop epoch of the seed network
+    over the same training tensors, alternately, `repeats` times."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    fast_cfg = _compose_train(cfg, "experiment=fast")
+    # The seed network's own training config (batch 256 by default), without augmentation, as the fast
+    # preset trains: the reference does not move with the fast preset's batch size.
+    seed_cfg = _compose_train(cfg, "model=seed", "data.augment=null")
+    device = _device_of(fast_cfg)
+    fits, epochs, runs = [], [], []
+    for repeat in range(cfg.repeats):
+        run_cfg = fast_cfg.copy()
+        with open_dict(run_cfg):
+            run_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / f"fast_{repeat}")
+        results = train(run_cfg)
+        runs.append(results)
+        fits.append(results["fit_seconds"])
+        epochs.append(bare_epoch_seconds(seed_cfg.copy(), device))
+    fit, epoch = statistics.median(fits), statistics.median(epochs)
+    row = {
+        "fast_vs_seed_epoch": round(fit / epoch, 3),
+        "fast_fit_seconds": round(fit, 3),
+        "seed_epoch_seconds": round(epoch, 3),
+        "fast_test_digit_acc": statistics.median(r["test/digit_acc"] for r in runs),
+        "fast_test_sum_acc": statistics.median(r["test/sum_acc"] for r in runs),
+        "repeats": int(cfg.repeats),
+        "device": _describe(device),
+    }
+    if cfg.format == "json":
+        print(json.dumps(row))
+    else:
+        print(
+            f"device: {row['device']}; median of {row['repeats']} alternating repeats\n"
+            f"experiment=fast fit_seconds (train.py's Timer): {fit:.2f} s "
+            f"(test digit {row['fast_test_digit_acc']:.2%}, sum {row['fast_test_sum_acc']:.2%})\n"
+            f"one bare-loop epoch of the seed network:       {epoch:.2f} s\n"
+            f"fast_vs_seed_epoch: {row['fast_vs_seed_epoch']:.3f}"
+        )
+    return row
+
+
 def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Measure every model in cfg.models; print a table or JSON lines; return the rows."""
+    """Measure every model in cfg.models (or, with cfg.fast, the fast preset against a seed epoch);
+    print a table or JSON lines; return the rows."""
+    if cfg.get("fast"):
+        return [fast_vs_seed_epoch(cfg)]
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     rows = []
     device_name = None

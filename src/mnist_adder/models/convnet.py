@@ -23,11 +23,20 @@ class ConvBackbone(nn.Module):
     The last feature map keeps its 3x3 layout (no global pooling): where a stroke is matters.
     """
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 40), dropout: float = 0.1) -> None:
+    def __init__(
+        self, channels: Sequence[int] = (16, 32, 40), dropout: float = 0.1, stem_channels: int = 0
+    ) -> None:
         super().__init__()
         c1, c2, c3 = channels
+        # stem_channels > 0: one thin 3x3 layer at full resolution first (28 -> 26), then a strided 3x3
+        # to 12x12: finer strokes survive the first downsampling, for few channels at 26x26.
+        first = (
+            [conv_bn_relu(1, stem_channels, 3), conv_bn_relu(stem_channels, c1, 3, stride=2)]
+            if stem_channels
+            else [conv_bn_relu(1, c1, 5, stride=2)]
+        )
         self.features = nn.Sequential(
-            conv_bn_relu(1, c1, 5, stride=2),
+            *first,
             conv_bn_relu(c1, c2, 3),
             nn.MaxPool2d(2),
             conv_bn_relu(c2, c3, 3),

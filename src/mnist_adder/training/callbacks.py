@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -45,6 +45,13 @@ class InterruptCheckpoint(Callback):
             return
         if trainer.global_step == 0:  # nothing trained yet: nothing to keep
             return
+        if trainer.validating:
+            # Weight averaging swaps the averaged weights into the module for a validation pass and back
+            # at its end, which an interrupted pass never reaches: swap back, or the checkpoint would
+            # keep the average as the weights to train on and the raw weights as the average.
+            for callback in trainer.callbacks:
+                if isinstance(callback, WeightAveraging):
+                    callback.on_validation_epoch_end(trainer, pl_module)
         trainer.save_checkpoint(self.ckpt_path)
         log.warning(
             "Training interrupted (%s) at epoch %d, step %d; saved %s. Continue with: "

@@ -64,12 +64,15 @@ class DigitSumModule(pl.LightningModule):
         digit_weight: float = 1.0,
         sum_weight: float = 1.0,
         scheduler_interval: str = "step",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.digit_weight, self.sum_weight = digit_weight, sum_weight
         self.scheduler_interval = scheduler_interval
+        # Training loss only: validation and test losses stay plain cross-entropy, comparable across recipes.
+        self.label_smoothing = label_smoothing
         # Not named after the stages: nn.ModuleDict refuses the key "train" (it is a method).
         self.stage_metrics = nn.ModuleDict({f"{stage}_metrics": DigitSumMetrics() for stage in STAGES})
         self.per_class_metrics = nn.ModuleDict(
@@ -96,8 +99,9 @@ class DigitSumModule(pl.LightningModule):
         image, number_onehot, label, sum_onehot = batch
         digit_logits, sum_logits = self.net(image, number_onehot)
         sum_label = sum_onehot.argmax(dim=-1)
-        digit_loss = F.cross_entropy(digit_logits, label)
-        sum_loss = F.cross_entropy(sum_logits, sum_label)
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        digit_loss = F.cross_entropy(digit_logits, label, label_smoothing=smoothing)
+        sum_loss = F.cross_entropy(sum_logits, sum_label, label_smoothing=smoothing)
         loss = self.digit_weight * digit_loss + self.sum_weight * sum_loss
 
         with torch.no_grad():

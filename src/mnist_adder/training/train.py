@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, Timer
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer, WeightAveraging
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnist_adder.cli import _in_multirun, build
@@ -75,6 +75,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint = _find(trainer.callbacks, ModelCheckpoint)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    # The selected checkpoint's "state_dict" holds the averaged weights where weight averaging is on; its
+    # callback would load the raw ones ("current_model_state", kept for resuming) over them when the test
+    # restores the checkpoint, so it sits the test out. Without a checkpoint, on_train_end has already
+    # copied the average into the module.
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, WeightAveraging)]
     # fast_dev_run writes no checkpoint: test the weights in memory then.
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
 
