@@ -12,7 +12,7 @@ from mnist_adder.analysis.robustness import CorruptedBatches, evaluate_robustnes
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.corruptions import CORRUPTIONS, corrupt, invert, thicken, thin, to_pixels
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.evaluate import evaluate, run_datamodule, evaluation_trainer
+from mnist_adder.inference.evaluate import evaluate, evaluation_trainer, run_datamodule
 
 from conftest import compose_config
 

@@ -137,9 +137,9 @@ def raw_throughput(cfg: DictConfig, steps: int, warmup: int, device: torch.devic
 def bare_epoch_seconds(cfg: DictConfig, device: torch.device) -> float:
     """Seconds of one epoch of a bare loop: every training image once, in full batches of a fresh
     permutation (as the project's batches), with cfg's net, optimizer, schedule, loss and augmentation."""
-    datamodule = hydra.utils.instantiate(cfg.data, on_device=False)
+    datamodule = build(cfg.data, "data", on_device=False)
     datamodule.setup("fit")
-    module = hydra.utils.instantiate(cfg.model)
+    module = build(cfg.model, "model")
     net = module.net.to(device).train()
     images, labels = (t.to(device) for t in datamodule._splits["train"])
     batch_size = int(cfg.data.batch_size)

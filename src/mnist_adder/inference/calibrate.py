@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
-from mnist_adder.inference.evaluate import run_datamodule, evaluation_trainer
+from mnist_adder.inference.evaluate import evaluation_trainer, run_datamodule
 from mnist_adder.models.digit_sum import TEMPERATURES
 from mnist_adder.results import write_json_atomic
 
