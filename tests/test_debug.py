@@ -56,13 +56,14 @@ def test_debug_limit_trains_a_few_batches_per_epoch(tmp_path, tiny_mnist):
 
 
 def test_debug_overfit_learns_its_few_batches(tmp_path, tiny_mnist):
-    overrides = [*_data_overrides(tiny_mnist), "debug=overfit", "logger=csv", "trainer.max_epochs=12"]
+    overrides = [*_data_overrides(tiny_mnist), "debug=overfit", "logger=csv"]
     train(compose_config(overrides, tmp_path / "run"))
     with open(tmp_path / "run" / "csv" / "metrics.csv", newline="") as file:
         train_acc = [float(row["train/both_acc"]) for row in csv.DictReader(file) if row["train/both_acc"]]
-    # 12 epochs of the same 3 batches (75 pairs): a model that can learn gets nearly all of them right.
-    assert len(train_acc) == 12
-    assert train_acc[0] < 0.5 and train_acc[-1] >= 0.9
+    # 20 epochs of the same 3 batches (75 pairs): a model that can learn gets most of them right, from
+    # near chance (1 in 10 digits times 1 in 19 sums) in the first epoch.
+    assert len(train_acc) == 20
+    assert train_acc[0] < 0.3 and train_acc[-1] >= 0.8
 
 
 def test_debug_profiler_writes_its_report_into_the_run_folder(tmp_path, tiny_mnist):
