@@ -1,9 +1,11 @@
 """Shared fixtures: tiny IDX files written by the tests, real MNIST from DATA_DIR, composed configs."""
 
+import importlib
 import os
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,3 +125,14 @@ def trained_run(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     ]
     train(compose_config(overrides, run_dir))
     return run_dir
+
+
+def require_extra(module: str, extra: str) -> Any:
+    """Import `module` from an optional extra: skipped where it is missing, but a failure in CI (CI=true),
+    where .ci/run installs every extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{module} missing: .ci/run installs the {extra} extra")
+        pytest.skip(f'{module} missing: pip install -e ".[{extra}]"')

@@ -194,6 +194,20 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 "it must be null (all) or a whole number of at least 1",
             )
         )
+    # Lightning refuses a progress-bar callback with the progress bar turned off, with a traceback.
+    callbacks = get("callbacks")
+    if get("trainer.enable_progress_bar") is False and OmegaConf.is_dict(callbacks):
+        bars = [
+            name
+            for name, entry in callbacks.items()
+            if OmegaConf.is_dict(entry) and str(entry.get("_target_", "")).endswith("ProgressBar")
+        ]
+        if bars:
+            problems.append(
+                f"callbacks.{bars[0]} (a progress bar, from callbacks=[...,rich]) needs the progress bar on, "
+                "but trainer.enable_progress_bar=false: set trainer.enable_progress_bar=true "
+                "(trainer=debug turns it off)"
+            )
     return problems
 
 

@@ -49,6 +49,15 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         raise UserError("not an image (PNG, JPEG, or another format PIL reads)") from err
     except Exception as err:  # a truncated or corrupt file fails in many ways inside the decoders
         raise UserError(f"the image cannot be decoded ({type(err).__name__}: {err})") from err
+    return to_grayscale(image)
+
+
+def to_grayscale(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Gray levels 0..255 (float32 [H, W]) of an image in memory: a PIL image, or a uint8 array [H, W],
+    [H, W, 3] or [H, W, 4] (RGBA, as a drawing in the demo arrives). Files come here through
+    `read_grayscale`, so a drawing and a file are read alike."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     if "A" in image.getbands() or "transparency" in image.info:
         image = _flatten_transparency(image.convert("RGBA"))
     return np.asarray(image.convert("L"), dtype=np.float32)
@@ -104,6 +113,16 @@ def to_mnist_pixels(gray: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (canvas * 255).round().to(torch.uint8)
 
 
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """MNIST-like uint8 pixels [28, 28] -> the model's input [1, 28, 28], normalised as in training."""
+    return normalize(pixels).unsqueeze(0)
+
+
 def preprocess_image(path: str | Path) -> torch.Tensor:
     """A user's image file -> the model's input [1, 28, 28]: MNIST-like, normalised as in training."""
-    return normalize(to_mnist_pixels(read_grayscale(path))).unsqueeze(0)
+    return to_model_input(to_mnist_pixels(read_grayscale(path)))
+
+
+def preprocess_array(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """An image in memory (see `to_grayscale`) -> the model's input [1, 28, 28], as `preprocess_image`."""
+    return to_model_input(to_mnist_pixels(to_grayscale(image)))

@@ -107,6 +107,27 @@ def numbers_for(number: Any, count: int) -> list[int]:
 
 
 @torch.inference_mode()
+def class_probabilities(
+    module: torch.nn.Module, images: torch.Tensor, numbers: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(digit probabilities [N, 10], sum probabilities [N, 19]) of preprocessed images [N, 1, 28, 28],
+    each with its number 0..9. Every tool that shows probabilities (predict, the demo) takes them here."""
+    number_onehot = torch.eye(NUM_DIGITS)[list(numbers)]
+    digit_logits, sum_logits = module(images, number_onehot)
+    return digit_logits.softmax(dim=-1), sum_logits.softmax(dim=-1)
+
+
+def best_prediction(
+    image: str, number: int, digit_probs: torch.Tensor, sum_probs: torch.Tensor
+) -> Prediction:
+    """The most probable digit and sum of one image, from its rows of `class_probabilities`."""
+    digit_prob, digit = digit_probs.max(dim=-1)
+    sum_prob, total = sum_probs.max(dim=-1)
+    return Prediction(
+        image, number, int(digit), round(float(digit_prob), 6), int(total), round(float(sum_prob), 6)
+    )
+
+
 def predict_images(
     module: torch.nn.Module, paths: Sequence[str], numbers: Sequence[int], batch_size: int = 256
 ) -> list[Prediction | Failure]:
@@ -121,20 +142,11 @@ def predict_images(
     order = list(inputs)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        image = torch.stack([inputs[i] for i in chunk])
-        number_onehot = torch.eye(NUM_DIGITS)[[numbers[i] for i in chunk]]
-        digit_logits, sum_logits = module(image, number_onehot)
-        digit_prob, digit = digit_logits.softmax(dim=-1).max(dim=-1)
-        sum_prob, total = sum_logits.softmax(dim=-1).max(dim=-1)
+        digit_probs, sum_probs = class_probabilities(
+            module, torch.stack([inputs[i] for i in chunk]), [numbers[i] for i in chunk]
+        )
         for k, i in enumerate(chunk):
-            results[i] = Prediction(
-                paths[i],
-                numbers[i],
-                int(digit[k]),
-                round(float(digit_prob[k]), 6),
-                int(total[k]),
-                round(float(sum_prob[k]), 6),
-            )
+            results[i] = best_prediction(paths[i], numbers[i], digit_probs[k], sum_probs[k])
     return [r for r in results if r is not None]
 
 

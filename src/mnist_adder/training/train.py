@@ -1,5 +1,6 @@
 """The training pipeline behind scripts/train.py: fit, select on validation, test the best checkpoint."""
 
+import inspect
 import logging
 import signal
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer, WeightAveraging
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnist_adder.cli import _in_multirun, build
@@ -16,6 +18,7 @@ from mnist_adder.config_checks import check_config, check_resume
 from mnist_adder.errors import UserError
 from mnist_adder.results import format_results, write_json_atomic
 from mnist_adder.training.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
+from mnist_adder.training.config_tree import print_config_tree
 from mnist_adder.training.run_dir import claim_output_dir
 from mnist_adder.training.scaleout import check_process_launch
 
@@ -37,6 +40,19 @@ def _choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
+def _log_config(logger: Logger, config: dict[str, Any], test_metrics: dict[str, float]) -> None:
+    """The run's config as the logger's hyperparameters, beside the final test metrics.
+
+    TensorBoard's HPARAMS tab pairs them only when they come in one call (`metrics=`); the other
+    loggers (CSV, MLflow, W&B) take the config alone and already have the test metrics, logged by
+    `trainer.test`.
+    """
+    if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+        logger.log_hyperparams(config, metrics=test_metrics)
+    else:
+        logger.log_hyperparams(config)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
     check_config(cfg)  # every bad config value stops the run here, before anything is built
@@ -44,6 +60,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = claim_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), _in_multirun())
     if output_dir != Path(cfg.paths.output_dir).resolve():
         cfg.paths.output_dir = str(output_dir)  # resuming: continue in the checkpoint's own run folder
+    if cfg.get("extras") and cfg.extras.get("print_config"):
+        print_config_tree(cfg)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build(cfg.data, "data")
@@ -99,11 +117,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Lists of 10 and 19 per-class accuracies: in metrics.json, not in the hparams tab (scalars only).
     results |= {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
     if trainer.is_global_zero:
+        test_scalars = {k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, float)}
         for logger in trainer.loggers:
-            logger.log_hyperparams(
-                module.hparams["config"],
-                metrics={k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, float)},
-            )
+            _log_config(logger, module.hparams["config"], test_scalars)
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
         try:
             write_json_atomic(output_dir / "metrics.json", results)  # whole or not at all

@@ -1,0 +1,21 @@
+"""A live demo in the browser: python scripts/demo.py ckpt_path=<file.ckpt> [port=7860] [share=false]"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from mnist_adder.cli import guarded, run_hydra_main
+from mnist_adder.inference.demo import serve
+
+
+@hydra.main(config_path="../conf", config_name="demo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    guarded(serve, cfg)
+
+
+if __name__ == "__main__":
+    run_hydra_main(main)

@@ -1,0 +1,148 @@
+"""A live demo of a trained model in the browser (Gradio), behind scripts/demo.py.
+
+Draw a digit or upload an image, choose the number n, and see the digit and the sum with their
+probabilities, and the 28x28 image the model saw. It is `predict` with a page in front: the same
+checkpoint loader, the same preprocessing and the same probabilities, so the page and
+`scripts/predict.py` answer alike for the same image. A bad input (a blank drawing, a file that is not
+an image) shows predict's error text in the message box, and the app keeps serving.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS
+from mnist_adder.data.preprocess import read_grayscale, to_grayscale, to_mnist_pixels, to_model_input
+from mnist_adder.errors import UserError
+from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.inference.predict import best_prediction, class_probabilities, numbers_for
+
+log = logging.getLogger(__name__)
+
+USAGE = "python scripts/demo.py ckpt_path=<file.ckpt> [port=7860] [share=false]"
+# How many classes each bar chart shows, most probable first.
+TOP_CLASSES = 5
+# What the page returns for each output: (message, digit bars, sum bars, 28x28 pixels).
+Answer = tuple[str, dict[str, float] | None, dict[str, float] | None, np.ndarray | None]
+
+
+# An untouched sketchpad may arrive as nothing at all: it is read as the blank white page it shows.
+BLANK_DRAWING = np.full((64, 64), 255, dtype=np.uint8)
+
+
+class DigitSumDemo:
+    """What the page does with its inputs, without the page: testable with a model alone."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def answer(self, name: str, gray: np.ndarray, number: Any) -> Answer:
+        """Gray levels of one image and a number -> the page's outputs (raises UserError on bad input)."""
+        (number,) = numbers_for(number, 1)
+        pixels = to_mnist_pixels(gray)
+        digit_probs, sum_probs = class_probabilities(self.module, to_model_input(pixels)[None], [number])
+        prediction = best_prediction(name, number, digit_probs[0], sum_probs[0])
+        return (
+            prediction.as_text(),
+            {str(c): float(p) for c, p in zip(range(NUM_DIGITS), digit_probs[0], strict=True)},
+            {str(c): float(p) for c, p in zip(range(NUM_SUMS), sum_probs[0], strict=True)},
+            pixels.numpy(),
+        )
+
+    def from_upload(self, path: str | None, number: Any) -> Answer:
+        """An uploaded file: read as `scripts/predict.py` reads a file, errors named after the file."""
+        if not path:
+            return _failed("no image uploaded: choose an image file (PNG, JPEG, ...) first.")
+        name = Path(path).name
+        try:
+            return self.answer(name, read_grayscale(path), number)
+        except UserError as err:
+            return _failed(f"{name}: {err}")
+
+    def from_drawing(self, drawing: Any, number: Any) -> Answer:
+        """The sketchpad's value (Gradio's editor value: its `composite` is the picture as drawn)."""
+        composite = drawing.get("composite") if isinstance(drawing, dict) else drawing
+        image = BLANK_DRAWING if composite is None else composite
+        try:
+            return self.answer("drawing", to_grayscale(image), number)
+        except UserError as err:
+            return _failed(f"drawing: {err}")
+
+
+def _failed(message: str) -> Answer:
+    # The same words as predict's `error: <image>: <what went wrong>` line; the outputs are cleared.
+    return f"error: {message}", None, None, None
+
+
+def _gradio() -> Any:
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise UserError('the demo needs Gradio, which is not installed: pip install -e ".[demo]"') from err
+    return gr
+
+
+def build_app(module: torch.nn.Module) -> Any:
+    """The Gradio page around a loaded model (a `gr.Blocks`; call `.launch()` to serve it)."""
+    gr = _gradio()
+    demo = DigitSumDemo(module)
+    with gr.Blocks(title="mnist-adder", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# mnist-adder\nDraw a digit or upload an image of one, choose a number n, and the model "
+            "reads the digit and adds n to it."
+        )
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Draw"):
+                    sketch = gr.Sketchpad(label="digit", type="numpy", image_mode="RGBA", elem_id="sketch")
+                    draw_button = gr.Button("Predict", variant="primary", elem_id="predict-drawing")
+                with gr.Tab("Upload", elem_id="upload-tab"):
+                    upload = gr.File(label="image file", type="filepath", elem_id="upload")
+                    upload_button = gr.Button("Predict", variant="primary", elem_id="predict-upload")
+                number = gr.Radio(list(range(NUM_DIGITS)), value=3, label="number n", elem_id="number")
+            with gr.Column():
+                message = gr.Textbox(label="prediction", interactive=False, elem_id="message")
+                with gr.Row():
+                    digit = gr.Label(num_top_classes=TOP_CLASSES, label="digit", elem_id="digit")
+                    total = gr.Label(num_top_classes=TOP_CLASSES, label="sum = digit + n", elem_id="sum")
+                seen = gr.Image(
+                    label="what the model saw (28x28, after preprocessing)",
+                    image_mode="L",
+                    format="png",
+                    height=168,
+                    interactive=False,
+                    elem_id="seen",
+                )
+        outputs = [message, digit, total, seen]
+        draw_button.click(demo.from_drawing, [sketch, number], outputs, api_name="predict_drawing")
+        upload_button.click(demo.from_upload, [upload, number], outputs, api_name="predict_upload")
+    return app
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise UserError(f"port={value!r} is not allowed: a whole number from 1 to 65535, e.g. port=7860.")
+    return value
+
+
+def serve(cfg: DictConfig) -> None:
+    """Load the checkpoint and serve the demo until Ctrl-C (raises UserError on bad options)."""
+    if not cfg.get("ckpt_path"):
+        raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
+    port = _port(cfg.get("port", 7860))
+    share = cfg.get("share", False)
+    if not isinstance(share, bool):
+        raise UserError(f"share={share!r} is not allowed: true or false.")
+    _gradio()  # a missing extra is reported before the model is loaded
+    module, _ = load_checkpoint(cfg.ckpt_path)
+    app = build_app(module)
+    try:
+        app.launch(server_name=cfg.get("host", "127.0.0.1"), server_port=port, share=share)
+    except OSError as err:  # Gradio's words for a taken port: "Cannot find empty port in range: ..."
+        raise UserError(
+            f"cannot serve on {cfg.get('host')}:{port} ({err}). Choose a free port: port=<1..65535>."
+        ) from err

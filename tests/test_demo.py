@@ -1,0 +1,215 @@
+"""scripts/demo.py: the real Gradio server, asked through gradio_client and through a real browser.
+
+Both read real MNIST test digits saved as PNG files, and both must get what predict's code gets from
+the same files (same loader, same preprocessing, same probabilities); bad input shows predict's words.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mnist_adder.data import load_mnist, normalize
+from mnist_adder.data.preprocess import read_grayscale, to_mnist_pixels
+from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.inference.predict import Failure, Prediction, predict_images
+
+from conftest import require_extra
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 300  # importing Gradio and torch on a busy 2-core machine
+NUM_DIGITS_ASKED = 20
+
+
+def _serving(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:  # refused while starting, or a timeout
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(URL, checkpoint) of `python scripts/demo.py` serving the trained run's best checkpoint."""
+    require_extra("gradio", "demo")
+    ckpt_path = json.loads((trained_run / "metrics.json").read_text())["ckpt_path"]
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("demo") / "server.log"
+    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "scripts/demo.py", f"ckpt_path={ckpt_path}", f"port={port}"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not _serving(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the demo did not start (status {server.poll()}):\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url, ckpt_path
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def digit_files(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, int]]:
+    """Real MNIST test digits as grayscale PNG files, each with the number to add (0..9 in turn)."""
+    images, _ = load_mnist(real_data_dir, train=False)
+    folder = tmp_path_factory.mktemp("digits")
+    files = []
+    for i, index in enumerate(range(0, 10_000, 10_000 // NUM_DIGITS_ASKED)):
+        path = folder / f"mnist_test_{index:05d}.png"
+        Image.fromarray(images[index].numpy()).save(path)
+        files.append((path, i % 10))
+    return files
+
+
+def _predict_file(
+    ckpt_path: str, path: Path, number: int, shown_as: str | None = None
+) -> Prediction | Failure:
+    """What predict's code says of one file; `shown_as` the name the page gives the image (default: the
+    file's name, as the page shows an upload)."""
+    module, _ = load_checkpoint(ckpt_path)
+    result = predict_images(module, [str(path)], [number])[0]
+    return replace(result, image=shown_as or path.name)
+
+
+def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
+    client_module = require_extra("gradio_client", "demo")
+    url, ckpt_path = demo_server
+    module, _ = load_checkpoint(ckpt_path)
+    client = client_module.Client(url, verbose=False)
+
+    images, _ = load_mnist(real_data_dir, train=False)
+    indices = [int(path.stem.rsplit("_", 1)[1]) for path, _ in digit_files]
+    numbers = [number for _, number in digit_files]
+    with torch.inference_mode():  # the model on the original tensors, no files involved
+        digit_logits, sum_logits = module(normalize(images[indices]).unsqueeze(1), torch.eye(10)[numbers])
+    expected = [
+        replace(result, image=path.name)
+        for result, (path, _) in zip(
+            predict_images(module, [str(path) for path, _ in digit_files], numbers), digit_files, strict=True
+        )
+    ]
+
+    agree = 0
+    for (path, number), want, tensor_digit, tensor_sum in zip(
+        digit_files, expected, digit_logits.argmax(1), sum_logits.argmax(1), strict=True
+    ):
+        message, digit, total, seen = client.predict(
+            client_module.handle_file(str(path)), number, api_name="/predict_upload"
+        )
+        assert isinstance(want, Prediction)
+        # Predict's own line for this file, its digit and sum on top of the bars with predict's probabilities.
+        assert message == want.as_text()
+        assert (int(digit["label"]), int(total["label"])) == (want.digit, want.sum)
+        # (Read per head: with n=0 the digit and the sum carry the same label.)
+        assert digit["confidences"][0]["confidence"] == pytest.approx(want.digit_prob, abs=1e-6)
+        assert total["confidences"][0]["confidence"] == pytest.approx(want.sum_prob, abs=1e-6)
+        # The 28x28 picture shown is what predict's preprocessing made of the file.
+        shown = np.asarray(Image.open(seen).convert("L"))
+        np.testing.assert_array_equal(shown, to_mnist_pixels(read_grayscale(path)).numpy())
+        agree += (want.digit, want.sum) == (int(tensor_digit), int(tensor_sum))
+    # Files are re-centred as users' images are: nearly always what the tensors give (see test_predict).
+    assert agree >= 0.9 * len(digit_files)
+
+
+def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_serving(
+    demo_server, digit_files, tmp_path
+):
+    client_module = require_extra("gradio_client", "demo")
+    url, ckpt_path = demo_server
+    client = client_module.Client(url, verbose=False)
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGBA", (200, 200), (0, 0, 0, 0)).save(blank)  # an untouched sketchpad: all transparent
+    drawing = {"background": None, "layers": [], "composite": client_module.handle_file(str(blank))}
+    message, digit, total, seen = client.predict(drawing, 3, api_name="/predict_drawing")
+    blank_failure = _predict_file(ckpt_path, blank, 3)
+    assert isinstance(blank_failure, Failure) and blank_failure.error.startswith("no digit found")
+    assert message == f"error: drawing: {blank_failure.error}"
+    assert not digit and not total and not seen  # cleared (the client gives {} or None)
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    message, *outputs = client.predict(client_module.handle_file(str(notes)), 3, api_name="/predict_upload")
+    failure = _predict_file(ckpt_path, notes, 3)
+    assert isinstance(failure, Failure) and failure.error.startswith("not an image")
+    assert message == f"error: notes.txt: {failure.error}" and not any(outputs)
+
+    # Still serving: a drawing of a real digit (RGBA as the sketchpad sends it) is read.
+    path, number = digit_files[0]
+    ink = np.asarray(Image.open(path))
+    drawn = np.zeros((*ink.shape, 4), dtype=np.uint8)
+    drawn[..., 3] = ink  # black strokes on a transparent canvas, as drawn
+    Image.fromarray(drawn, "RGBA").resize((280, 280)).save(tmp_path / "drawn.png")
+    drawing = {
+        "background": None,
+        "layers": [],
+        "composite": client_module.handle_file(str(tmp_path / "drawn.png")),
+    }
+    message, digit, total, seen = client.predict(drawing, number, api_name="/predict_drawing")
+    want = _predict_file(ckpt_path, tmp_path / "drawn.png", number, shown_as="drawing")
+    assert isinstance(want, Prediction)
+    assert message == want.as_text() and int(digit["label"]) == want.digit
+
+
+def test_browser_upload_shows_digit_and_sum(demo_server, digit_files):
+    sync_api = require_extra("playwright.sync_api", "demo")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("chromium missing: .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("chromium missing: apt-get install -y chromium")
+    url, ckpt_path = demo_server
+    path, number = digit_files[3]
+    want = _predict_file(ckpt_path, path, number)
+    assert isinstance(want, Prediction)
+
+    with sync_api.sync_playwright() as playwright:
+        # Debian's Chromium: Playwright's own browser download is not reachable here.
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)  # every wait below is bounded by this
+            page.goto(url)
+            page.get_by_role("tab", name="Upload").click()
+            page.locator("#upload input[type=file]").set_input_files(str(path))
+            sync_api.expect(page.locator("#upload")).to_contain_text(path.name)
+            page.locator("#number").get_by_label(str(number), exact=True).check()
+            page.locator("#predict-upload").click()
+            sync_api.expect(page.locator("#message [data-testid=textbox]")).to_have_value(want.as_text())
+            # The bar charts' headings: the predicted digit and sum.
+            sync_api.expect(page.locator("#digit h2")).to_have_text(str(want.digit))
+            sync_api.expect(page.locator("#sum h2")).to_have_text(str(want.sum))
+        finally:
+            browser.close()
