@@ -168,7 +168,7 @@ def _compose_train(cfg: DictConfig, *overrides: str) -> DictConfig:
         config_name="train",
         overrides=[
             *overrides,
-            f"trainer={cfg.trainer}",
+            f"trainer={_trainer_choice()}",
             f"paths.data_dir={cfg.paths.data_dir}",
             "trainer.enable_progress_bar=false",
             *cfg.get("overrides", []),
