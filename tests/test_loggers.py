@@ -15,6 +15,8 @@ from conftest import compose_config, require_extra, tiny_train_overrides
 METRICS_JSON_KEYS = {
     *(f"test/{name}" for name in ("loss", "digit_loss", "sum_loss", "digit_acc", "sum_acc", "both_acc")),
     "test/sum_given_digit_acc",
+    "test/digit_ece",
+    "test/sum_ece",
     "test/digit_acc_per_class",
     "test/sum_acc_per_class",
     "ckpt_path",
@@ -24,6 +26,7 @@ METRICS_JSON_KEYS = {
     "model",
     "seed",
     "resumed_from",
+    "precision",
 }
 LOGGER_CLASSES = {
     "csv": {"csv": "CSVLogger"},
