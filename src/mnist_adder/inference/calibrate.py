@@ -9,7 +9,6 @@ with no code of their own; argmax predictions and the sum stay exactly as they w
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.inference.evaluate import evaluation_trainer, run_datamodule
 from mnist_adder.models.digit_sum import TEMPERATURES
-from mnist_adder.results import write_json_atomic
+from mnist_adder.results import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 HEADS = (("digit", "digit_logits", "label"), ("sum", "sum_logits", "sum_label"))
@@ -31,18 +30,6 @@ def calibrated_path(ckpt_path: str | Path) -> Path:
     """Where the calibrated copy of a checkpoint goes: `<name>.calibrated.ckpt` beside it."""
     ckpt_path = Path(ckpt_path)
     return ckpt_path.with_name(f"{ckpt_path.stem}.calibrated.ckpt")
-
-
-def _save_atomic(checkpoint: dict[str, Any], path: Path) -> None:
-    # Whole or not at all, as the training checkpoints: a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_calibration(summary: dict[str, Any]) -> str:
@@ -109,7 +96,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     for name in TEMPERATURES:
         checkpoint["state_dict"][f"net.{name}"] = state[f"net.{name}"].clone()
     checkpoint["calibration"] = {"source": str(ckpt_path), **{head: summary[head] for head, *_ in HEADS}}
-    _save_atomic(checkpoint, target)
+    with atomic_path(target) as tmp:  # whole or not at all, as the training checkpoints
+        torch.save(checkpoint, tmp)
     write_json_atomic(output_dir / "calibration.json", summary)
     log.info(
         "Temperatures fitted on the %s; ECE on the MNIST test set (fixed pairs):\n%s",
