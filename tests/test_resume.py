@@ -77,7 +77,7 @@ def test_killed_then_terminated_run_resumes_to_the_uninterrupted_metrics(tiny_mn
     overrides = [
         *tiny_train_overrides(tiny_mnist),
         f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
-        "callbacks.step_checkpoint.every_n_train_steps=2",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
     ]
     baseline = _start([*overrides, f"hydra.run.dir={tmp_path / 'baseline'}"])
     run = tmp_path / "run"
@@ -136,6 +136,22 @@ def test_killed_then_terminated_run_resumes_to_the_uninterrupted_metrics(tiny_mn
     assert {s: v for s, v in step_loss.items() if s >= killed_at} == {
         s: v for s, v in expected_loss.items() if s >= killed_at
     }
+
+
+def test_last_ckpt_holds_the_final_epoch_even_when_it_did_not_improve(tiny_mnist, tmp_path):
+    # Selecting on the epoch number (mode min) makes epoch 0 the best and every later epoch "no gain":
+    # ModelCheckpoint's own save_last would then leave last.ckpt at epoch 0 (Lightning 2.6).
+    overrides = [
+        *tiny_train_overrides(tiny_mnist),
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=4",
+        "callbacks.model_checkpoint.monitor=epoch",
+        "callbacks.model_checkpoint.mode=min",
+    ]
+    train(compose_config(overrides, tmp_path / "run"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    assert (_ckpt_step(checkpoints / "last.ckpt"), _ckpt_step(checkpoints / "epoch_000.ckpt")) == (12, 4)
 
 
 def test_training_batches_resume_mid_epoch_and_at_epoch_end(tiny_mnist):
@@ -316,7 +332,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tiny_mnist,
         tiny_mnist,
         "trainer.max_epochs=1",
         "model.optimizer.lr=1e30",
-        "callbacks.step_checkpoint.every_n_train_steps=1",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
         "trainer.log_every_n_steps=50",
     )
     run = tmp_path / "run"

@@ -26,7 +26,7 @@ class InterruptCheckpoint(Callback):
 
     Lightning turns SIGTERM into an exception at the end of the current batch, so the checkpoint is
     taken between two steps and `ckpt_path=` continues with the next batch. The default name is
-    `last`, the file ModelCheckpoint keeps, so `checkpoints/last.ckpt` is always the newest state.
+    `last`, the file LastCheckpoint keeps, so `checkpoints/last.ckpt` is always the newest state.
     Other exceptions (a bug, a non-finite loss) save nothing: the newest good checkpoint is kept.
 
     Not Lightning's OnExceptionCheckpoint: with one of those, `fit(ckpt_path=None)` silently resumes
@@ -64,13 +64,23 @@ class InterruptCheckpoint(Callback):
         )
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint for saves every `every_n_train_steps`, except after an epoch's last batch.
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt`, rewritten at the end of every epoch and every `every_n_train_steps` steps.
 
-    A checkpoint taken between an epoch's last batch and its validation resumes after that validation
-    (Lightning skips it), so that epoch would never be scored; the epoch-end checkpoint, written after
-    validation, covers that point instead.
+    Not ModelCheckpoint's `save_last`: since Lightning 2.6 that rewrites last.ckpt only at an epoch
+    where a top-k checkpoint was saved too, so after an epoch that did not improve the monitored
+    metric, last.ckpt held an older epoch. This one saves unconditionally (monitor None, top 1).
+
+    Step saves skip an epoch's last batch: a checkpoint taken between it and the epoch's validation
+    resumes after that validation (Lightning skips it), so that epoch would never be scored; the
+    epoch-end save, written after validation, covers that point instead.
     """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 0, **kwargs: Any) -> None:
+        kwargs = {"filename": "last", "monitor": None, "save_top_k": 1, **kwargs}
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, **kwargs)
+        # Every epoch's end as well: ModelCheckpoint's constructor takes steps or epochs, not both.
+        self._every_n_epochs = 1
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -91,7 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Read now: testing a checkpoint reloads the Timer's state saved in it.
     fit_seconds = round(timer.time_elapsed("train"), 3) if timer is not None else None
 
-    checkpoint = _find(trainer.callbacks, ModelCheckpoint)
+    # The checkpoint that selects on validation; without one, the newest (last.ckpt) is tested.
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    checkpoint = next((cb for cb in checkpoints if cb.monitor), checkpoints[0] if checkpoints else None)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     # The selected checkpoint's "state_dict" holds the averaged weights where weight averaging is on; its
     # callback would load the raw ones ("current_model_state", kept for resuming) over them when the test
