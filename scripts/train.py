@@ -9,11 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded, run_hydra_main
-from mnist_adder.training.sweep import train_and_score
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    # Imported here, after Hydra has composed the config: a typo is told before torch and Lightning load.
+    from mnist_adder.training.sweep import train_and_score
+
     # A sweeper (hparams_search=...) optimises what this returns: cfg.optimized_metric of the run.
     return guarded(train_and_score, cfg)
 

@@ -139,6 +139,16 @@ def test_a_seed_that_is_not_a_number_on_the_command_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("override", ["seed=abc", "model=nope", "data.batch_size=0"])
+def test_a_config_mistake_is_told_before_torch_loads(tmp_path, override):
+    # Loading torch and Lightning takes seconds; a typo or a bad value is told without them.
+    result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 2 and "error: " in result.stderr
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "hydra" in imported and not imported & {"torch", "pytorch_lightning", "torchvision"}
+
+
 def test_seed_interpolated_into_the_data_is_reported_once(make_cfg):
     with pytest.raises(UserError) as err:
         check_config(make_cfg(["seed=abc"]))  # data.seed is ${seed}: one problem, not two

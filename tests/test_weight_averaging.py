@@ -125,7 +125,7 @@ def test_predict_and_export_use_the_averaged_weights(ema_run, tmp_path, capsys):
 
 
 def test_the_default_callbacks_average_and_the_short_presets_do_not():
-    ema_target = "pytorch_lightning.callbacks.EMAWeightAveraging"
+    ema_target = "mnist_adder.training.callbacks.WarmupEMA"
     assert compose_config().callbacks.ema._target_ == ema_target
     assert compose_config(["callbacks=ema"]).callbacks == compose_config().callbacks  # the alias
     for preset in ("fast", "fast_gpu", "smoke"):

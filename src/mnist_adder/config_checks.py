@@ -13,7 +13,6 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -280,6 +279,8 @@ def check_resume(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path} is not a file: give the checkpoint to resume from, "
             "e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt."
         )
+    import torch  # here: the checks that need no checkpoint stop without loading it
+
     try:  # mmap: the weights are not read, only the config
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint

@@ -5,23 +5,30 @@ machine without a CUDA GPU is one clear line and not Lightning's traceback. `aut
 place where a precision is chosen at run time: conf/trainer/auto.yaml reads it through the OmegaConf
 resolver `auto_precision` (registered when `mnist_adder` is imported), and the resolved value is what the
 run config, the checkpoint and metrics.json then hold.
-"""
 
-import torch
+torch is imported inside the functions: a config check that does not ask about devices (a bad seed, a
+typo) then stops in a second, without loading it.
+"""
 
 CUDA_ACCELERATORS = ("gpu", "cuda")
 
 
 def has_cuda() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
 def has_mps() -> bool:
+    import torch
+
     return torch.backends.mps.is_available()
 
 
 def machine_accelerators() -> str:
     """What this machine has, in words, for error messages."""
+    import torch
+
     if has_cuda():
         return f"a CUDA GPU ({torch.cuda.get_device_name(0)})"
     if has_mps():
@@ -36,5 +43,7 @@ def auto_precision(accelerator: str = "auto") -> str:
     only on the GPU's tensor cores (on MPS and the CPU it is slower or unsupported), and a GPU without
     bf16 (before Ampere) would need fp16 with loss scaling, so it trains in 32-bit.
     """
+    import torch
+
     on_cuda = str(accelerator) in (*CUDA_ACCELERATORS, "auto") and has_cuda()
     return "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"

@@ -10,10 +10,12 @@ package imports config_checks.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    import torch
 
 NUM_DIGITS = 10
 
@@ -39,11 +41,13 @@ def heldout_pair_list(value: str | Sequence[Sequence[int]] | None) -> list[tuple
     return [(int(digit), int(number)) for digit, number in value]
 
 
-def heldout_table(value: Any) -> torch.Tensor | None:
+def heldout_table(value: Any) -> "torch.Tensor | None":
     """A (10, 10) bool table, True at [digit, number] when the pair is held out; None when none is."""
     pairs = heldout_pair_list(value)
     if not pairs:
         return None
+    import torch
+
     table = torch.zeros(NUM_DIGITS, NUM_DIGITS, dtype=torch.bool)
     digits, numbers = zip(*pairs, strict=True)
     table[list(digits), list(numbers)] = True

@@ -5,8 +5,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mnist_adder.config_checks import check_config
 from mnist_adder.errors import UserError
-from mnist_adder.training.train import train
 
 # Hyperparameters are chosen on validation results only: the test set stays the final, untouched check.
 SELECTABLE_PREFIXES = ("val/", "best_val/")
@@ -40,4 +40,7 @@ def train_and_score(cfg: DictConfig) -> float | None:
     """Train as `cfg` says and return `cfg.optimized_metric` of the results (None when it is null)."""
     name = cfg.get("optimized_metric")
     check_optimized_metric(name)
+    check_config(cfg)  # a bad value is told before the training stack loads (seconds of imports)
+    from mnist_adder.training.train import train
+
     return optimized_value(train(cfg), name)
