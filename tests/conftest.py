@@ -5,13 +5,16 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+
+if TYPE_CHECKING:
+    from mnist_adder.data import MnistSumDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -88,13 +91,32 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return _make
 
 
-def tiny_train_overrides(data_dir: Path) -> list[str]:
-    """A real but small training run on `tiny_mnist`: 350 training images in 14 batches, 2 epochs."""
+def make_dm(data_dir: Path, **kwargs: Any) -> "MnistSumDataModule":
+    """A MnistSumDataModule on `data_dir` (small batches), prepared and set up for fit and test."""
+    from mnist_adder.data import MnistSumDataModule
+
+    defaults = dict(data_dir=data_dir, batch_size=32, eval_batch_size=50, val_size=60, download=False, seed=3)
+    dm = MnistSumDataModule(**(defaults | kwargs))
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def tiny_data_overrides(data_dir: Path) -> list[str]:
+    """The data settings that fit `tiny_mnist` (350 training images in 14 batches), nothing of the trainer."""
     return [
         f"paths.data_dir={data_dir}",
         "data.val_size=50",
         "data.batch_size=25",
         "data.eval_batch_size=60",
+    ]
+
+
+def tiny_train_overrides(data_dir: Path) -> list[str]:
+    """A real but small training run on `tiny_mnist`: 350 training images in 14 batches, 2 epochs."""
+    return [
+        *tiny_data_overrides(data_dir),
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=2",
         "trainer.enable_progress_bar=false",

@@ -8,22 +8,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_json_lines(tiny_mnist, tmp_path):
+def _benchmark_rows(tiny_mnist: Path, run_dir: Path, *options: str) -> list[dict]:
+    """Run scripts/benchmark.py on tiny MNIST with `options` and format=json; the JSON lines it printed."""
     cmd = [
         sys.executable,
         "scripts/benchmark.py",
-        "models=[small,seed]",
-        "steps=3",
-        "warmup=1",
-        "repeats=1",
+        *options,
         "format=json",
         f"paths.data_dir={tiny_mnist}",
         'overrides=["data.val_size=50","data.batch_size=32"]',
-        f"hydra.run.dir={tmp_path / 'bench'}",
+        f"hydra.run.dir={run_dir}",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_benchmark_json_lines(tiny_mnist, tmp_path):
+    rows = _benchmark_rows(
+        tiny_mnist, tmp_path / "bench", "models=[small,seed]", "steps=3", "warmup=1", "repeats=1"
+    )
     assert [r["model"] for r in rows] == ["small", "seed"]
     for r in rows:
         assert r["project_img_s"] > 0 and r["raw_img_s"] > 0
@@ -33,19 +37,7 @@ def test_benchmark_json_lines(tiny_mnist, tmp_path):
 
 def test_benchmark_fast_vs_seed_epoch(tiny_mnist, tmp_path):
     run_dir = tmp_path / "bench"
-    cmd = [
-        sys.executable,
-        "scripts/benchmark.py",
-        "fast=true",
-        "repeats=1",
-        "format=json",
-        f"paths.data_dir={tiny_mnist}",
-        'overrides=["data.val_size=50","data.batch_size=32"]',
-        f"hydra.run.dir={run_dir}",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    (row,) = _benchmark_rows(tiny_mnist, run_dir, "fast=true", "repeats=1")
     assert row["seed_epoch_seconds"] > 0 and row["device"].startswith("cpu")
     assert abs(row["fast_vs_seed_epoch"] - row["fast_fit_seconds"] / row["seed_epoch_seconds"]) < 1e-2
     # The fast run went through scripts/train.py's path: selected on validation, tested, its Timer's

@@ -11,14 +11,7 @@ from mnist_adder.data import MNIST_MEAN, MNIST_STD, MnistSumDataModule, load_mni
 from mnist_adder.data.batches import TrainBatches
 from mnist_adder.errors import UserError
 
-
-def make_dm(data_dir, **kwargs) -> MnistSumDataModule:
-    defaults = dict(data_dir=data_dir, batch_size=32, eval_batch_size=50, val_size=60, download=False, seed=3)
-    dm = MnistSumDataModule(**(defaults | kwargs))
-    dm.prepare_data()
-    dm.setup("fit")
-    dm.setup("test")
-    return dm
+from conftest import make_dm
 
 
 def all_batches(loader):

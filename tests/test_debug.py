@@ -9,7 +9,7 @@ import torch
 
 from mnist_adder.training.train import train
 
-from conftest import compose_config
+from conftest import compose_config, tiny_data_overrides
 
 DEBUG_CHOICES = ("default", "fdr", "limit", "overfit", "profiler")
 
@@ -17,10 +17,7 @@ DEBUG_CHOICES = ("default", "fdr", "limit", "overfit", "profiler")
 def _data_overrides(data_dir: Path) -> list[str]:
     # tiny_mnist's sizes, and nothing about the trainer: the debug choice decides that.
     return [
-        f"paths.data_dir={data_dir}",
-        "data.val_size=50",
-        "data.batch_size=25",
-        "data.eval_batch_size=60",
+        *tiny_data_overrides(data_dir),
         "trainer.enable_progress_bar=false",
         "extras.print_config=false",
     ]

@@ -21,17 +21,10 @@ from mnist_adder.heldout import ONE_PER_SUM, heldout_table
 from mnist_adder.training.module import DigitSumModule
 from mnist_adder.training.train import train
 
+from conftest import make_dm
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEN, UNSEEN = "test/sum_acc_seen_pairs", "test/sum_acc_unseen_pairs"
-
-
-def make_dm(data_dir: Path, **kwargs) -> MnistSumDataModule:
-    defaults = dict(data_dir=data_dir, batch_size=32, eval_batch_size=50, val_size=60, download=False, seed=3)
-    dm = MnistSumDataModule(**(defaults | kwargs))
-    dm.prepare_data()
-    dm.setup("fit")
-    dm.setup("test")
-    return dm
 
 
 def pairs_of(loader) -> tuple[torch.Tensor, torch.Tensor]:

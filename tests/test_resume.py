@@ -231,6 +231,26 @@ class SignalAt(pl.Callback):
             self._maybe_send(trainer)
 
 
+def _interrupt(
+    data_dir: Path, run: Path, signal_name: str, step: int, at_validation: bool, *overrides: str
+) -> int:
+    """Train with SignalAt sending `signal_name` at `step`; the exit status."""
+    send = [
+        "+callbacks.signal._target_=test_resume.SignalAt",
+        f"+callbacks.signal.signal_name={signal_name}",
+        f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.at_validation={at_validation}",
+    ]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train(compose_config(_short(data_dir, *overrides, *send), run))
+    finally:
+        for signum, handler in handlers.items():  # Lightning ignores a second Ctrl-C while it stops
+            signal.signal(signum, handler)
+    return stopped.value.code
+
+
 @pytest.mark.parametrize(
     "signal_name,step,at_validation,status",
     [
@@ -244,20 +264,7 @@ def test_an_interrupted_run_saves_last_ckpt_and_resumes_exactly(
 ):
     data_dir, uninterrupted = short_run
     run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
-    send = [
-        "+callbacks.signal._target_=test_resume.SignalAt",
-        f"+callbacks.signal.signal_name={signal_name}",
-        f"+callbacks.signal.step={step}",
-        f"+callbacks.signal.at_validation={at_validation}",
-    ]
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            train(compose_config(_short(data_dir, *send), run))
-    finally:
-        for signum, handler in handlers.items():  # Lightning ignores a second Ctrl-C while it stops
-            signal.signal(signum, handler)
-    assert stopped.value.code == status
+    assert _interrupt(data_dir, run, signal_name, step, at_validation) == status
     assert _ckpt_step(last) == step and not (run / "metrics.json").exists()
     resumed = train(compose_config(_short(data_dir, f"ckpt_path={last}"), tmp_path / "session"))
     assert _final(resumed) == _final(uninterrupted)
@@ -282,24 +289,6 @@ def short_ema_run(short_run, tmp_path_factory) -> tuple[Path, dict]:
     return data_dir, train(compose_config(_short(data_dir, *EMA), tmp_path_factory.mktemp("ema_run")))
 
 
-def _interrupt(data_dir: Path, run: Path, signal_name: str, step: int, at_validation: bool) -> int:
-    """Train with SignalAt sending `signal_name` at `step`; the exit status."""
-    send = [
-        "+callbacks.signal._target_=test_resume.SignalAt",
-        f"+callbacks.signal.signal_name={signal_name}",
-        f"+callbacks.signal.step={step}",
-        f"+callbacks.signal.at_validation={at_validation}",
-    ]
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            train(compose_config(_short(data_dir, *EMA, *send), run))
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    return stopped.value.code
-
-
 def _same_weights(got: Path, expected: Path) -> None:
     got_ckpt, expected_ckpt = (torch.load(p, weights_only=False) for p in (got, expected))
     for key in ("state_dict", "current_model_state"):  # the average, and the weights trained on
@@ -309,7 +298,7 @@ def _same_weights(got: Path, expected: Path) -> None:
 def test_an_interrupted_ema_run_resumes_exactly(short_ema_run, tmp_path):
     data_dir, uninterrupted = short_ema_run
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert _interrupt(data_dir, tmp_path / "run", "SIGINT", 2, False) == 1 and _ckpt_step(last) == 2
+    assert _interrupt(data_dir, tmp_path / "run", "SIGINT", 2, False, *EMA) == 1 and _ckpt_step(last) == 2
     resumed = train(compose_config(_short(data_dir, *EMA, f"ckpt_path={last}"), tmp_path / "session"))
     assert _final(resumed) == _final(uninterrupted)
     _same_weights(last, Path(uninterrupted["ckpt_path"]).parent / "last.ckpt")
@@ -318,7 +307,7 @@ def test_an_interrupted_ema_run_resumes_exactly(short_ema_run, tmp_path):
 def test_an_ema_run_stopped_mid_validation_saves_the_weights_it_trains_on(short_ema_run, tmp_path):
     data_dir, uninterrupted = short_ema_run
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert _interrupt(data_dir, tmp_path / "run", "SIGTERM", 3, True) == 128 + signal.SIGTERM
+    assert _interrupt(data_dir, tmp_path / "run", "SIGTERM", 3, True, *EMA) == 128 + signal.SIGTERM
     # Saved after the first of 3 validation batches of epoch 0: the same average and raw weights as the
     # uninterrupted run's checkpoint after that validation, not the two swapped.
     assert _ckpt_step(last) == 3
