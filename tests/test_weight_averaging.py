@@ -10,12 +10,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.swa_utils import AveragedModel
 
 from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.evaluate import evaluate
 from mnist_adder.inference.export import export
 from mnist_adder.inference.predict import predict
+from mnist_adder.training.callbacks import WarmupEMA
 from mnist_adder.training.train import train
 
 from conftest import compose_config, make_tiny_mnist, tiny_train_overrides
@@ -130,3 +132,40 @@ def test_the_default_callbacks_average_and_the_short_presets_do_not():
     assert compose_config(["callbacks=ema"]).callbacks == compose_config().callbacks  # the alias
     for preset in ("fast", "fast_gpu", "smoke"):
         assert compose_config([f"experiment={preset}"]).callbacks.get("ema") is None, preset
+
+
+def _averages(ema: WarmupEMA, steps: int) -> list[float]:
+    """The average after each update, when the weight is 1, 2, ..., steps in turn."""
+    weight = torch.nn.Linear(1, 1, bias=False)
+    averaged = AveragedModel(weight, avg_fn=ema._kwargs["avg_fn"])
+    averages = []
+    for step in range(1, steps + 1):
+        weight.weight.data.fill_(float(step))
+        averaged.update_parameters(weight)
+        averages.append(averaged.module.weight.item())
+    return averages
+
+
+def test_the_warmed_up_decay_spans_the_last_part_of_a_run_then_the_fixed_horizon():
+    ema = WarmupEMA(decay=0.999, warmup=4)
+    averages = _averages(ema, 4000)
+    # average_n = d * average_(n-1) + (1 - d) * n: solve for the decay d of each update after the first
+    pairs = zip(range(2, 4001), averages[1:], averages[:-1], strict=True)
+    decays = [(n - average) / (n - previous) for n, average, previous in pairs]
+    # The first update copies the weights; the n-th after it moves by 1 - (1 + n) / (4 + n) ...
+    assert averages[0] == 1.0
+    assert decays[0] == pytest.approx(2 / 5) and decays[99] == pytest.approx(101 / 104, abs=1e-5)
+    # ... until that reaches the fixed decay, after about 3,000 updates.
+    assert decays[2990] < 0.999 and decays[3010] == pytest.approx(0.999, abs=1e-6)
+    # So the start is forgotten: after one epoch (215 steps) the average sits in the run's last part.
+    assert 0.6 * 215 < _averages(ema, 215)[-1] < 215
+
+
+def test_warmup_one_is_the_fixed_decay_and_below_one_is_refused():
+    fixed = _averages(WarmupEMA(decay=0.9, warmup=1), 50)
+    expected = 1.0
+    for step in range(2, 51):
+        expected = 0.9 * expected + 0.1 * step  # Lightning's EMAWeightAveraging, from a copy of step 1
+        assert fixed[step - 1] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        WarmupEMA(warmup=0.5)

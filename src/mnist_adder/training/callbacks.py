@@ -92,22 +92,25 @@ class LastCheckpoint(ModelCheckpoint):
 
 class WarmupEMA(EMAWeightAveraging):
     """Lightning's EMAWeightAveraging with its decay warmed up, as TensorFlow's ExponentialMovingAverage
-    does with `num_updates`: after n updates the average moves by 1 - min(decay, (1 + n) / (10 + n)).
+    does with `num_updates`: after n updates the average moves by 1 - min(decay, (1 + n) / (warmup + n)).
 
     With a fixed decay the average starts as a copy of the untrained weights and forgets them slowly:
     at 0.999 they still weigh 0.999^215 = 81 % after one epoch of batch 256, and a one-epoch run tested
-    at chance. Warmed up, the average spans about the last tenth of the steps taken, up to the
-    1 / (1 - decay) steps of the fixed decay, reached after 9,000 updates.
+    at chance. Warmed up, the average spans about the last 1 / (warmup - 1) of the steps taken, until
+    that reaches the 1 / (1 - decay) steps of the fixed decay (at 0.999: after 9,000 updates with
+    TensorFlow's warmup of 10, after 3,000 with warmup 4). Warmup 1 is the fixed decay from the start.
     """
 
-    def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
+    def __init__(self, decay: float = 0.999, warmup: float = 10.0, **kwargs: Any) -> None:
+        if not warmup >= 1:
+            raise ValueError(f"warmup must be >= 1 (1: no warm-up, the fixed decay), not {warmup}")
         super().__init__(decay=decay, **kwargs)
-        self._kwargs["avg_fn"] = _warmup_ema_avg_fn(decay)  # in place of the fixed-decay one
+        self._kwargs["avg_fn"] = _warmup_ema_avg_fn(decay, warmup)  # in place of the fixed-decay one
 
 
-def _warmup_ema_avg_fn(decay: float) -> Any:
+def _warmup_ema_avg_fn(decay: float, warmup: float) -> Any:
     def ema_update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        step_decay = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
+        step_decay = ((1 + num_averaged) / (warmup + num_averaged)).clamp(max=decay)
         return step_decay * averaged + (1 - step_decay) * current
 
     return ema_update
