@@ -134,6 +134,15 @@ def test_the_default_callbacks_average_and_the_short_presets_do_not():
         assert compose_config([f"experiment={preset}"]).callbacks.get("ema") is None, preset
 
 
+def test_best_large_is_the_measured_command_with_the_fixed_decay():
+    # The README's 3-seed table of experiment=best_large was run as these overrides.
+    measured = ["model=large", "trainer.max_epochs=18", "callbacks.ema.warmup=1"]
+    preset = compose_config(["experiment=best_large"])
+    assert preset == compose_config(measured)
+    ema = hydra.utils.instantiate(preset.callbacks.ema)
+    assert isinstance(ema, WarmupEMA) and _averages(ema, 3) == pytest.approx([1.0, 1.001, 1.002999])
+
+
 def _averages(ema: WarmupEMA, steps: int) -> list[float]:
     """The average after each update, when the weight is 1, 2, ..., steps in turn."""
     weight = torch.nn.Linear(1, 1, bias=False)
