@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(
     *overrides: str, script: str = "train", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
+    # A script that gets as far as importing torch takes seconds (many more on a busy machine): those
+    # tests are marked slow; a config mistake is told before torch loads, and those tests stay fast.
     return subprocess.run(
         [sys.executable, f"scripts/{script}.py", *overrides],
         cwd=ROOT,
@@ -160,6 +162,7 @@ def test_seed_interpolated_into_the_data_is_reported_once(make_cfg):
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
 
+@pytest.mark.slow
 @NO_CUDA
 @pytest.mark.parametrize("trainer", ["gpu", "ddp"])
 def test_gpu_trainer_without_a_gpu_says_what_to_run_instead(tmp_path, trainer):
@@ -173,6 +176,17 @@ def test_gpu_trainer_without_a_gpu_says_what_to_run_instead(tmp_path, trainer):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@NO_CUDA
+def test_gpu_trainer_without_a_gpu_is_refused_before_anything_is_built(make_cfg):
+    # The fast version of the test above: the same check, in this process.
+    with pytest.raises(UserError) as err:
+        check_config(make_cfg(["trainer=gpu"]))
+    message = str(err.value)
+    want = "trainer=mps" if torch.backends.mps.is_available() else "trainer=cpu"
+    assert "trainer.accelerator=gpu (trainer=gpu) needs a CUDA GPU" in message and want in message
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple MPS device")
 def test_mps_trainer_without_mps_says_what_to_run_instead(tmp_path):
     result = run_cli("trainer=mps", f"hydra.run.dir={tmp_path / 'run'}")
@@ -194,6 +208,7 @@ def test_on_an_apple_machine_the_gpu_trainer_points_to_mps(monkeypatch, make_cfg
     check_config(make_cfg(["trainer=mps"]))  # and MPS is then fine
 
 
+@pytest.mark.slow
 @NO_CUDA
 def test_eval_on_an_accelerator_this_machine_lacks(tmp_path):
     # Checked before the checkpoint is read; eval sets the accelerator by its key, not a trainer choice.
@@ -208,6 +223,7 @@ def test_eval_on_an_accelerator_this_machine_lacks(tmp_path):
     )
 
 
+@pytest.mark.slow
 @NO_CUDA
 def test_eval_of_a_gpu_checkpoint_here_names_the_checkpoints_accelerator(trained_run, tmp_path):
     checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -220,6 +236,7 @@ def test_eval_of_a_gpu_checkpoint_here_names_the_checkpoints_accelerator(trained
     assert "trained with accelerator=gpu" in message and "\n" not in message
 
 
+@pytest.mark.slow
 @NO_CUDA
 def test_benchmark_on_a_gpu_this_machine_lacks(tmp_path):
     result = run_cli("trainer=gpu", f"hydra.run.dir={tmp_path / 'b'}", script="benchmark")
@@ -239,6 +256,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,named,reason", REFUSED, ids=[r[0] for r in REFUSED])
 def test_a_value_the_constructor_refuses_is_one_line(tmp_path, override, named, reason):
     result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
@@ -246,6 +264,7 @@ def test_a_value_the_constructor_refuses_is_one_line(tmp_path, override, named, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_with_hydra_full_error_the_constructor_error_keeps_its_traceback(tmp_path):
     result = run_cli(
         "model.net.adder_input=foo", f"hydra.run.dir={tmp_path / 'run'}", env={"HYDRA_FULL_ERROR": "1"}

@@ -5,6 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from hydra import initialize_config_dir
+
+from mnist_adder.analysis.benchmark import benchmark
+
+from conftest import CONF_DIR, compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +31,21 @@ def _benchmark_rows(tiny_mnist: Path, run_dir: Path, *options: str) -> list[dict
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+def test_benchmark_measures_both_paths_of_one_model(tiny_mnist, tmp_path, capsys):
+    # The fast version of the script's tests below, in this process: 2 timed steps of the seed network.
+    options = ["models=[seed]", "steps=2", "warmup=1", "repeats=1", "format=json"]
+    data = [f"paths.data_dir={tiny_mnist}", 'overrides=["data.val_size=50","data.batch_size=32"]']
+    cfg = compose_config([*options, *data], tmp_path / "bench", config_name="benchmark")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # the benchmark composes train runs
+        (row,) = benchmark(cfg)
+    assert (row["model"], row["batch_size"], row["params"]) == ("seed", 32, 21_843)
+    assert row["project_img_s"] > 0 and row["raw_img_s"] > 0 and row["device"].startswith("cpu")
+    assert json.loads(capsys.readouterr().out) == {
+        k: row[k] for k in ("model", "project_img_s", "raw_img_s", "ratio", "device")
+    }
+
+
+@pytest.mark.slow
 def test_benchmark_json_lines(tiny_mnist, tmp_path):
     rows = _benchmark_rows(
         tiny_mnist, tmp_path / "bench", "models=[small,seed]", "steps=3", "warmup=1", "repeats=1"
@@ -35,6 +57,7 @@ def test_benchmark_json_lines(tiny_mnist, tmp_path):
         assert r["device"].startswith("cpu")
 
 
+@pytest.mark.slow
 def test_benchmark_fast_vs_seed_epoch(tiny_mnist, tmp_path):
     run_dir = tmp_path / "bench"
     (row,) = _benchmark_rows(tiny_mnist, run_dir, "fast=true", "repeats=1")

@@ -62,6 +62,7 @@ def val_batches(trained_run, real_data_dir):
     return list(datamodule.val_dataloader())
 
 
+@pytest.mark.slow
 def test_ece_is_a_test_metric_of_training_and_eval_alike(trained_run, real_data_dir, tmp_path):
     trained = json.loads((trained_run / "metrics.json").read_text())
     run_dir = tmp_path / "eval"
@@ -111,6 +112,7 @@ def test_reliability_bins_count_every_sample_once():
     assert bins["accuracy"][5] == 0.5 and bins["confidence"][9] == pytest.approx(0.995)
 
 
+@pytest.mark.slow
 def test_temperatures_fitted_on_validation_lower_its_nll_and_change_no_prediction(calibrated, val_batches):
     original, calibrated_file, summary = calibrated
     assert (
@@ -138,6 +140,7 @@ def test_temperatures_fitted_on_validation_lower_its_nll_and_change_no_predictio
     assert stored["calibration"]["source"] == str(original.resolve())
 
 
+@pytest.mark.slow
 def test_calibrated_checkpoint_gives_calibrated_probabilities_everywhere(calibrated, real_data_dir, tmp_path):
     original, calibrated_file, summary = calibrated
     t_digit, t_sum = summary["digit"]["temperature"], summary["sum"]["temperature"]
@@ -183,6 +186,7 @@ def test_calibrated_checkpoint_gives_calibrated_probabilities_everywhere(calibra
     assert torch.allclose(torch.from_numpy(onnx_sum).softmax(1), expected_sum, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_temperatures_still_loads(trained_run, tmp_path):
     checkpoint = torch.load(_ckpt(trained_run), weights_only=True)
     for key in ("net.digit_temperature", "net.sum_temperature"):
@@ -197,10 +201,28 @@ def test_a_checkpoint_from_before_temperatures_still_loads(trained_run, tmp_path
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_training_on_from_a_calibrated_checkpoint_is_refused(calibrated, tmp_path):
     _, calibrated_file, _ = calibrated
     with pytest.raises(UserError, match="calibrated checkpoint"):
         check_resume(compose_config([f"ckpt_path={calibrated_file}"], tmp_path / "run"))
+
+
+def test_calibrating_a_tiny_run_stores_the_fitted_temperatures_in_a_copy(tiny_run, tiny_mnist, tmp_path):
+    # The fast version of the tests above (tiny_run: a model of a few seconds on tiny MNIST).
+    original = tmp_path / "best.ckpt"  # a copy: the calibrated file goes beside it, not into the shared run
+    shutil.copy(_ckpt(tiny_run), original)
+    cfg = compose_config(
+        [f"ckpt_path={original}", f"paths.data_dir={tiny_mnist}"], tmp_path / "run", config_name="calibrate"
+    )
+    summary = calibrate(cfg)
+    assert summary["calibrated_ckpt_path"] == str(calibrated_path(original))
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text()) == summary
+    module, _ = load_checkpoint(summary["calibrated_ckpt_path"])
+    for head in ("digit", "sum"):
+        fitted = summary[head]
+        assert fitted["temperature"] > 0 and fitted["val_nll_after"] <= fitted["val_nll_before"] + 1e-6
+        assert getattr(module.net, f"{head}_temperature").item() == pytest.approx(fitted["temperature"])
 
 
 def test_calibrate_without_a_real_checkpoint_is_one_error_line(tmp_path, capsys):
@@ -216,6 +238,7 @@ def test_calibrate_without_a_real_checkpoint_is_one_error_line(tmp_path, capsys)
     assert len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_calibrate_script_exits_2_on_a_missing_checkpoint(tmp_path):
     result = subprocess.run(
         [

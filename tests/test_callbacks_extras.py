@@ -32,6 +32,7 @@ def test_rich_bar_with_the_bar_turned_off_is_a_config_error(tmp_path):
     assert "trainer.enable_progress_bar=true" in problem
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_a_run_that_stops_improving(tmp_path, tiny_mnist, capsys):
     overrides = [
         *tiny_train_overrides(tiny_mnist),

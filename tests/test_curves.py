@@ -6,6 +6,7 @@ from mnist_adder.analysis.curves import curves_table, read_scalars
 from mnist_adder.errors import UserError
 
 
+@pytest.mark.slow
 def test_curves_of_a_real_run(trained_run):
     digit = read_scalars(trained_run, "val/digit_acc")
     assert len(digit) == 2 and all(0.5 < value <= 1.0 for value in digit.values())  # two epochs
@@ -17,8 +18,19 @@ def test_curves_of_a_real_run(trained_run):
     assert f"| {last_step} | {100 * digit[last_step]:.2f} |" in table
 
 
-def test_curves_explain_what_is_missing(trained_run, tmp_path):
+def test_curves_of_a_tiny_run_have_one_row_per_validation(tiny_run):
+    digit = read_scalars(tiny_run, "val/digit_acc")
+    assert len(digit) == 1  # one epoch
+    (step,) = digit
+    assert curves_table([tiny_run], ["val/digit_acc"], ["tiny"]).splitlines() == [
+        "| step | tiny val/digit_acc |",
+        "|---|---|",
+        f"| {step} | {100 * digit[step]:.2f} |",
+    ]
+
+
+def test_curves_explain_what_is_missing(tiny_run, tmp_path):
     with pytest.raises(UserError, match="No TensorBoard event files"):
         read_scalars(tmp_path, "val/digit_acc")
     with pytest.raises(UserError, match="has no scalar 'val/nothing'"):
-        read_scalars(trained_run, "val/nothing")
+        read_scalars(tiny_run, "val/nothing")

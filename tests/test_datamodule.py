@@ -110,6 +110,7 @@ def test_missing_files_give_a_clear_error(tmp_path):
         assert needed in message
 
 
+@pytest.mark.slow
 def test_missing_data_stops_the_cli_without_a_traceback(tmp_path):
     result = subprocess.run(
         [

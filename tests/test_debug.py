@@ -46,6 +46,7 @@ def test_debug_fdr_runs_one_batch_per_stage(tmp_path, tiny_mnist):
     assert 0.0 <= results["test/both_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_debug_limit_trains_a_few_batches_per_epoch(tmp_path, tiny_mnist):
     results = train(compose_config([*_data_overrides(tiny_mnist), "debug=limit"], tmp_path / "run"))
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -54,6 +55,7 @@ def test_debug_limit_trains_a_few_batches_per_epoch(tmp_path, tiny_mnist):
     assert results["test/both_acc"] is not None
 
 
+@pytest.mark.slow
 def test_debug_overfit_learns_its_few_batches(tmp_path, tiny_mnist):
     overrides = [*_data_overrides(tiny_mnist), "debug=overfit", "logger=csv"]
     train(compose_config(overrides, tmp_path / "run"))
@@ -65,6 +67,7 @@ def test_debug_overfit_learns_its_few_batches(tmp_path, tiny_mnist):
     assert train_acc[0] < 0.3 and train_acc[-1] >= 0.8
 
 
+@pytest.mark.slow
 def test_debug_profiler_writes_its_report_into_the_run_folder(tmp_path, tiny_mnist):
     overrides = [*_data_overrides(tiny_mnist), "debug=profiler", "trainer.limit_train_batches=3"]
     train(compose_config(overrides, tmp_path / "run"))

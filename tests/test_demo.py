@@ -24,6 +24,7 @@ from PIL import Image
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.preprocess import read_grayscale, to_mnist_pixels
 from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.inference.demo import DigitSumDemo
 from mnist_adder.inference.predict import Failure, Prediction, predict_images
 
 from conftest import require_extra
@@ -103,6 +104,34 @@ def _predict_file(
     return replace(result, image=shown_as or path.name)
 
 
+def test_the_page_answers_an_upload_as_predict_does_and_bad_input_with_predicts_words(tiny_run, tmp_path):
+    # What the page does with its inputs, without Gradio (tiny_run: a model of a few seconds); the slow
+    # tests below ask the real server and a browser.
+    ckpt_path = json.loads((tiny_run / "metrics.json").read_text())["ckpt_path"]
+    module, _ = load_checkpoint(ckpt_path)
+    demo = DigitSumDemo(module)
+    path = ROOT / "examples" / "digits" / "seven_on_paper.png"
+    message, digit, total, seen = demo.from_upload(str(path), 4)
+    want = _predict_file(ckpt_path, path, 4)
+    assert isinstance(want, Prediction) and message == want.as_text()
+    assert max(digit, key=digit.get) == str(want.digit) and max(total, key=total.get) == str(want.sum)
+    assert digit[str(want.digit)] == pytest.approx(want.digit_prob, abs=1e-6)
+    np.testing.assert_array_equal(seen, to_mnist_pixels(read_grayscale(path)).numpy())
+
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    failure = _predict_file(ckpt_path, tmp_path / "notes.txt", 4)
+    assert isinstance(failure, Failure)
+    assert demo.from_upload(str(tmp_path / "notes.txt"), 4) == (
+        f"error: notes.txt: {failure.error}",
+        None,
+        None,
+        None,
+    )
+    message, *cleared = demo.from_drawing(None, 4)  # an untouched sketchpad
+    assert message.startswith("error: drawing: no digit found") and cleared == [None, None, None]
+
+
+@pytest.mark.slow  # a real server, with a model trained on real MNIST (trained_run)
 def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
     client_module = require_extra("gradio_client", "demo")
     url, ckpt_path = demo_server
@@ -143,6 +172,7 @@ def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
     assert agree >= 0.9 * len(digit_files)
 
 
+@pytest.mark.slow  # a real server, with a model trained on real MNIST (trained_run)
 def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_serving(
     demo_server, digit_files, tmp_path
 ):
@@ -183,6 +213,7 @@ def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_ser
     assert message == want.as_text() and int(digit["label"]) == want.digit
 
 
+@pytest.mark.slow  # a real server, with a model trained on real MNIST (trained_run)
 def test_browser_upload_shows_digit_and_sum(demo_server, digit_files):
     sync_api = require_extra("playwright.sync_api", "demo")
     chromium = shutil.which("chromium")
@@ -203,12 +234,20 @@ def test_browser_upload_shows_digit_and_sum(demo_server, digit_files):
             page.set_default_timeout(60_000)  # every wait below is bounded by this
             page.goto(url)
             page.get_by_role("tab", name="Upload").click()
-            page.locator("#upload input[type=file]").set_input_files(str(path))
-            sync_api.expect(page.locator("#upload")).to_contain_text(path.name)
+            # The number first: a page that predicts on every change then predicts once the file is in.
             page.locator("#number").get_by_label(str(number), exact=True).check()
-            page.locator("#predict-upload").click()
+            # Done uploading when the server has the file, as the user sees the upload finish; not what
+            # the file widget writes (Gradio has split the name from its extension in separate elements).
+            with page.expect_response(lambda r: r.request.method == "POST" and "/upload" in r.url) as upload:
+                page.locator("#upload input[type=file]").set_input_files(str(path))
+            assert upload.value.ok, upload.value.status
+            # The upload tab's Predict button, where the page has one (a page may predict on change).
+            predict = page.locator("#upload-tab").get_by_role("button", name="Predict")
+            if predict.count():
+                predict.click()
+            # What the user waits for: predict's line for this file, and the digit and the sum on top of
+            # the bar charts.
             sync_api.expect(page.locator("#message [data-testid=textbox]")).to_have_value(want.as_text())
-            # The bar charts' headings: the predicted digit and sum.
             sync_api.expect(page.locator("#digit h2")).to_have_text(str(want.digit))
             sync_api.expect(page.locator("#sum h2")).to_have_text(str(want.sum))
         finally:

@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 # Honest floors for 300 steps of batch 128 (under one epoch; chance is 10 % and about 10 %):
 # the small model reaches about 98 % on both here, so these catch a broken pipeline, not noise.
 DIGIT_FLOOR, SUM_FLOOR = 0.95, 0.94
+
+pytestmark = pytest.mark.slow  # 300 steps on real MNIST, through a subprocess
 
 
 def test_train_script_on_real_mnist(real_data_dir, tmp_path):

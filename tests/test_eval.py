@@ -20,6 +20,7 @@ from conftest import compose_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_eval_script_reproduces_the_training_runs_test_numbers(trained_run, real_data_dir, tmp_path):
     trained = json.loads((trained_run / "metrics.json").read_text())
     run_dir = tmp_path / "eval_run"
@@ -56,6 +57,27 @@ def test_eval_script_reproduces_the_training_runs_test_numbers(trained_run, real
     assert evaluated["ckpt_path"] == str(Path(trained["ckpt_path"]).resolve())
 
 
+def test_eval_of_a_tiny_run_gives_its_test_numbers(tiny_run, tiny_mnist, tmp_path):
+    # The fast version of the test above, in this process (tiny_run: a model of a few seconds).
+    trained = json.loads((tiny_run / "metrics.json").read_text())
+    cfg = compose_config(
+        [
+            f"ckpt_path={trained['ckpt_path']}",
+            f"paths.data_dir={tiny_mnist}",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path / "eval",
+        config_name="eval",
+    )
+    evaluated = evaluate(cfg)
+    test_keys = [k for k in trained if k.startswith("test/")]
+    assert {"test/digit_acc", "test/sum_acc", "test/loss", "test/digit_ece"} <= set(test_keys)
+    assert {k: evaluated[k] for k in test_keys} == {k: trained[k] for k in test_keys}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == evaluated
+    assert (tmp_path / "eval" / "reliability_digit.png").is_file()
+
+
+@pytest.mark.slow  # a bf16 training on the CPU
 def test_eval_takes_precision_from_the_checkpoint(tiny_mnist, tmp_path):
     # Trained in bf16 autocast: testing in float32 would change the numbers, so eval must not.
     data = [f"paths.data_dir={tiny_mnist}", "data.val_size=50", "data.eval_batch_size=40"]
@@ -81,6 +103,7 @@ def test_eval_takes_precision_from_the_checkpoint(tiny_mnist, tmp_path):
     assert in_float32["precision"] == "32-true" and in_float32["test/loss"] != trained["test/loss"]
 
 
+@pytest.mark.slow
 def test_load_checkpoint_rebuilds_the_model_in_eval_mode(trained_run):
     ckpt_path = json.loads((trained_run / "metrics.json").read_text())["ckpt_path"]
     module, config = load_checkpoint(ckpt_path)

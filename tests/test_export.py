@@ -12,7 +12,7 @@ import torch
 
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.export import export_paths
+from mnist_adder.inference.export import export_paths, export_torchscript
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,7 @@ def _pytorch(ckpt_path, image, number_onehot):
         return module(image, number_onehot)
 
 
+@pytest.mark.slow
 def test_onnx_runtime_predicts_like_pytorch(exported, test_batch):
     ort = _import_onnxruntime()
     ckpt_path, paths = exported
@@ -83,6 +84,7 @@ def test_onnx_runtime_predicts_like_pytorch(exported, test_batch):
         assert np.allclose(onnx_sum, sum_logits[:batch].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torchscript_predicts_like_pytorch(exported, test_batch):
     ckpt_path, paths = exported
     image, number_onehot = test_batch
@@ -93,6 +95,21 @@ def test_torchscript_predicts_like_pytorch(exported, test_batch):
             ts_digit, ts_sum = scripted(image[:batch], number_onehot[:batch])
             assert torch.equal(ts_digit.argmax(1), digit_logits[:batch].argmax(1))
             assert torch.allclose(ts_sum, sum_logits[:batch], atol=1e-5)
+
+
+def test_torchscript_of_a_tiny_run_predicts_like_pytorch_at_any_batch_size(tiny_run, tmp_path):
+    # The fast version (tiny_run: a model of a few seconds); the ONNX export alone takes seconds more, so
+    # ONNX Runtime is checked by the slow tests above.
+    ckpt_path = json.loads((tiny_run / "metrics.json").read_text())["ckpt_path"]
+    module, _ = load_checkpoint(ckpt_path)
+    scripted = torch.jit.load(str(export_torchscript(module.net.eval(), tmp_path / "net.torchscript.pt")))
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 7):
+        image = torch.randn(batch, 1, 28, 28, generator=generator)
+        number_onehot = torch.eye(10)[torch.arange(batch) % 10]
+        with torch.inference_mode():
+            for got, want in zip(scripted(image, number_onehot), module(image, number_onehot), strict=True):
+                assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_files_go_beside_the_checkpoint_unless_told(tmp_path):

@@ -175,6 +175,7 @@ def test_bad_heldout_pairs_through_the_train_script(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_without_heldout_pairs_reports_no_split(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert "test/sum_acc" in metrics and SEEN not in metrics and UNSEEN not in metrics
@@ -186,6 +187,7 @@ def test_a_run_without_heldout_pairs_reports_no_split(trained_run):
 SEEN_FLOOR = 0.85
 
 
+@pytest.mark.slow
 def test_a_real_run_and_eval_report_seen_and_unseen_pairs(real_data_dir, tmp_path):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
     train = run_script(

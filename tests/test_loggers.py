@@ -62,6 +62,7 @@ def _run(tmp_path: Path, tiny_mnist: Path, logger: str) -> tuple[dict, Path]:
     return json.loads((run_dir / "metrics.json").read_text()), run_dir
 
 
+@pytest.mark.slow
 def test_many_loggers_get_the_same_metrics_and_config(tmp_path, tiny_mnist):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -101,6 +102,7 @@ def test_many_loggers_get_the_same_metrics_and_config(tmp_path, tiny_mnist):
     assert run.data.params["data/batch_size"] == "25"
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path, tiny_mnist, monkeypatch):
     wandb = require_extra("wandb", "wandb")
     # Belt and braces: the config says offline, and so does the environment; no network is tried.

@@ -24,6 +24,7 @@ def debug_run(data_dir: Path, *extra: str) -> list[str]:
     return ["trainer=debug", f"paths.data_dir={data_dir}", "data.val_size=50", *extra]
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_get_their_own_folders(tiny_mnist, tmp_path):
     # Hydra's default run folder (logs/train/runs/<date_time_microseconds>), under a test log folder.
     runs = [

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mnist_adder.data import load_mnist, normalize
+from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.predict import Prediction, image_paths, numbers_for, predict, predict_images
@@ -55,6 +56,7 @@ def model_and_digits(trained_run, real_data_dir):
     return ckpt_path, module, images[pick]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", FORMS)
 def test_images_as_files_are_read_like_the_tensors(model_and_digits, tmp_path, form):
     _, module, images = model_and_digits
@@ -84,6 +86,7 @@ def run_predict(*overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_digits, tmp_path):
     ckpt_path, module, images = model_and_digits
     folder = tmp_path / "digits"
@@ -113,6 +116,7 @@ def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_dig
         assert 0 < line["digit_prob"] <= 1 and 0 < line["sum_prob"] <= 1
 
 
+@pytest.mark.slow
 def test_a_folder_of_digits_and_their_labels_file(model_and_digits, real_data_dir, tmp_path):
     # A user's folder: real MNIST test digits as PNG and JPEG, and the labels.csv that names them.
     ckpt_path, _, _ = model_and_digits
@@ -147,6 +151,7 @@ def test_a_folder_of_digits_and_their_labels_file(model_and_digits, real_data_di
     ]
 
 
+@pytest.mark.slow
 def test_one_image_in_text(model_and_digits, tmp_path, capsys):
     ckpt_path, _, images = model_and_digits
     _gray(images[0].numpy()).save(tmp_path / "a.png")
@@ -158,6 +163,32 @@ def test_one_image_in_text(model_and_digits, tmp_path, capsys):
     assert captured.out == prediction.as_text() + "\n" and captured.err == ""
     assert captured.out.startswith(f"{tmp_path / 'a.png'}: number 9 -> digit {prediction.digit} (")
     assert f"sum {prediction.sum} (" in captured.out
+
+
+def test_predict_prints_each_image_and_fails_at_the_end_for_an_unreadable_one(tiny_run, tmp_path, capsys):
+    # The fast version of the tests above, on a model of a few seconds (tiny_run): every step of the path
+    # from a checkpoint and files to the printed lines; agreement with the tensors needs a real model.
+    ckpt_path = json.loads((tiny_run / "metrics.json").read_text())["ckpt_path"]
+    digit = ROOT / "examples" / "digits" / "seven_on_paper.png"
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    images = f"image=[{digit},{tmp_path / 'notes.txt'}]"
+    cfg = compose_config([f"ckpt_path={ckpt_path}", images, "number=[4,2]", "format=json"], None, "predict")
+    with pytest.raises(UserError, match="1 of 2 images could not be read"):
+        predict(cfg)
+    good, bad = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    module, _ = load_checkpoint(ckpt_path)
+    with torch.inference_mode():
+        digit_logits, sum_logits = module(preprocess_image(str(digit))[None], torch.eye(10)[[4]])
+    digit_probs, sum_probs = digit_logits.softmax(-1)[0], sum_logits.softmax(-1)[0]
+    assert good == {
+        "image": str(digit),
+        "number": 4,
+        "digit": int(digit_probs.argmax()),
+        "digit_prob": pytest.approx(float(digit_probs.max()), abs=1e-6),
+        "sum": int(sum_probs.argmax()),
+        "sum_prob": pytest.approx(float(sum_probs.max()), abs=1e-6),
+    }
+    assert bad["image"] == str(tmp_path / "notes.txt") and bad["error"].startswith("not an image")
 
 
 def test_numbers_one_for_all_or_one_each():

@@ -73,6 +73,7 @@ def _scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in EventAccumulator(str(run / "tensorboard")).Reload().Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_killed_then_terminated_run_resumes_to_the_uninterrupted_metrics(tiny_mnist, tmp_path):
     overrides = [
         *tiny_train_overrides(tiny_mnist),

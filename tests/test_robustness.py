@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mnist_adder.analysis.robustness import CorruptedBatches, evaluate_robustness
+from mnist_adder.cli import guarded
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.corruptions import CORRUPTIONS, corrupt, invert, thicken, thin, to_pixels
 from mnist_adder.inference.checkpoint import load_checkpoint
@@ -76,6 +77,7 @@ def test_corruptions_act_in_pixel_space(real_images):
     assert torch.allclose(same, real_images, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_robustness_json_has_every_corruption_and_severity(robustness_run):
     run_dir, report = robustness_run
     rows = report["results"]
@@ -100,6 +102,7 @@ def test_robustness_json_has_every_corruption_and_severity(robustness_run):
     assert by_cell[("invert", 3)]["digit_acc"] < 0.5
 
 
+@pytest.mark.slow
 def test_a_tiny_rotation_scores_like_the_clean_test_and_cells_are_reproducible(
     trained_run, real_data_dir, tmp_path
 ):
@@ -125,18 +128,57 @@ def test_a_tiny_rotation_scores_like_the_clean_test_and_cells_are_reproducible(
     assert first.shape[0] == 10 and not torch.equal(first, other)
 
 
-@pytest.mark.parametrize(
-    "override,expected",
-    [
-        ("robustness=maybe", "robustness='maybe' is not allowed"),
-        ("robustness_images=0", "robustness_images=0 is not allowed"),
-        ("ckpt_path=/nonexistent/best.ckpt", "does not exist"),
-    ],
-)
+def test_robustness_cells_of_a_tiny_run_are_rows_of_the_test_metrics_and_reproducible(
+    tiny_run, tiny_mnist, tmp_path
+):
+    # The fast version of the test above (tiny_run: a model of a few seconds on tiny MNIST): the rows and
+    # their seeding; how much a corruption costs needs a real model.
+    ckpt_path = json.loads((tiny_run / "metrics.json").read_text())["ckpt_path"]
+    module, run_config = load_checkpoint(ckpt_path)
+    cfg = compose_config([f"ckpt_path={ckpt_path}", f"paths.data_dir={tiny_mnist}"], tmp_path, "eval")
+    datamodule = run_datamodule(run_config, cfg)
+    trainer = evaluation_trainer(run_config.trainer, cfg, tmp_path)
+    datamodule.setup("test")
+    batches = datamodule.test_dataloader()
+    levels = {"rotation": (30.0,), "gaussian_noise": (0.3,)}
+    rows = evaluate_robustness(trainer, module, batches, seed=3, levels=levels, limit=100)
+    assert [(r["corruption"], r["severity"], r["level"]) for r in rows] == [
+        ("none", 0, 0.0),
+        ("rotation", 1, 30.0),
+        ("gaussian_noise", 1, 0.3),
+    ]
+    clean = trainer.test(module, dataloaders=CorruptedBatches(batches, None, 0.0, 0, 100), verbose=False)[0]
+    assert rows[0]["digit_acc"] == clean["test/digit_acc"] and rows[0]["sum_acc"] == clean["test/sum_acc"]
+    assert all(0 <= r[key] <= 1 for r in rows for key in ("digit_acc", "sum_acc", "both_acc", "digit_ece"))
+    assert evaluate_robustness(trainer, module, batches, seed=3, levels=levels, limit=100) == rows
+
+
+BAD_EVAL_INPUT = [
+    ("robustness=maybe", "robustness='maybe' is not allowed"),
+    ("robustness_images=0", "robustness_images=0 is not allowed"),
+    ("ckpt_path=/nonexistent/best.ckpt", "does not exist"),
+]
+
+
+def _eval_args(override: str) -> list[str]:
+    return ["ckpt_path=/nonexistent/best.ckpt", override] if "ckpt_path" not in override else [override]
+
+
+@pytest.mark.parametrize("override,expected", BAD_EVAL_INPUT)
+def test_bad_eval_input_is_one_error_line_in_this_process(override, expected, tmp_path, capsys):
+    # The fast version of the test below: the same inputs through the scripts' error path (cli.guarded).
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(evaluate, compose_config(_eval_args(override), tmp_path, config_name="eval"))
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith("error: ") and expected in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # scripts/eval.py in a subprocess
+@pytest.mark.parametrize("override,expected", BAD_EVAL_INPUT)
 def test_bad_eval_input_is_one_error_line(override, expected, tmp_path):
-    args = ["ckpt_path=/nonexistent/best.ckpt", override] if "ckpt_path" not in override else [override]
     result = subprocess.run(
-        [sys.executable, "scripts/eval.py", *args, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "scripts/eval.py", *_eval_args(override), f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -38,6 +38,7 @@ def rebuild(ckpt_path: Path) -> tuple[pl.LightningModule, pl.LightningDataModule
     return module.eval(), hydra.utils.instantiate(config["data"])
 
 
+@pytest.mark.slow
 def test_ddp_cpu_trains_in_one_folder_and_reduces_test_metrics_over_both_processes(tiny_mnist, tmp_path):
     log_dir = tmp_path / "logs"
     result = subprocess.run(

@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from mnist_adder.analysis.report import build_report
+from mnist_adder.cli import JobFailed
 from mnist_adder.errors import UserError
-from mnist_adder.training.jobs import JOB_STATUS_FILE
+from mnist_adder.training.jobs import JOB_STATUS_FILE, JobStatusCallback
 from mnist_adder.training.sweep import check_optimized_metric, optimized_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,7 @@ def jobs_of(sweep_dir: Path, keys: tuple[str, ...]) -> dict[str, Path]:
     return jobs
 
 
+@pytest.mark.slow
 def test_grid_sweep_runs_every_job_despite_a_failure_and_reports_them(tiny_mnist, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # data.val_size=0 is a user's mistake: those jobs fail, the others still run.
@@ -99,6 +103,34 @@ def test_grid_sweep_runs_every_job_despite_a_failure_and_reports_them(tiny_mnist
     assert f"{killed}" in as_csv.stderr and "no metrics.json" in as_csv.stderr
 
 
+def test_job_status_tells_a_failed_job_from_a_finished_one_in_the_report(tmp_path):
+    # The fast version of the sweep above: the two job folders a sweep would leave, each with the status
+    # Hydra's callback writes when its job ends (Hydra's own JobReturn, as the launcher passes it).
+    returns = {
+        "0": JobReturn(overrides=["seed=1"], status=JobStatus.COMPLETED, _return_value=None),
+        "1": JobReturn(
+            overrides=["seed=2"],
+            status=JobStatus.FAILED,
+            _return_value=JobFailed("data.val_size=0 is not allowed: at least 1."),
+        ),
+    }
+    for name, job_return in returns.items():
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- {job_return.overrides[0]}\n")
+        JobStatusCallback().on_job_end(
+            OmegaConf.create({"hydra": {"runtime": {"output_dir": str(job)}}}), job_return
+        )
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"test/digit_acc": 0.99, "seed": 1}))
+    assert json.loads((tmp_path / "1" / JOB_STATUS_FILE).read_text()) == {
+        "status": "FAILED",
+        "error": "data.val_size=0 is not allowed: at least 1.",
+        "overrides": ["seed=2"],
+    }
+    report, _ = build_report([tmp_path])
+    assert "2 job(s)" in report and "failed: data.val_size=0 is not allowed" in report
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -124,6 +156,7 @@ def test_a_search_may_only_optimise_a_validation_metric():
         optimized_value({"best_val/both_acc": None}, "best_val/both_acc")
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_its_trials_and_reports_the_best_validation_value(tiny_mnist, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the sweep extra")
     sweep_dir = tmp_path / "search"

@@ -3,6 +3,7 @@
 import io
 
 import hydra
+import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from mnist_adder.training.tensorboard_images import ValidationImages
 IMAGE_TAGS = ("val/digit_confusion", "val/sum_confusion", "val/misclassified")
 
 
+@pytest.mark.slow
 def test_training_run_logs_images_per_class_accuracies_and_hparams(trained_run):
     events = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"images": 0}).Reload()
     tags = events.Tags()

@@ -142,6 +142,7 @@ def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch):
     assert devices.auto_precision("auto") == "32-true"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="this machine has a CUDA GPU: bash scripts/gpu_check.sh"
 )

@@ -94,6 +94,7 @@ def _outputs(
         return module.net.eval()(image, torch.eye(10)[[number]])
 
 
+@pytest.mark.slow  # the ONNX export alone takes seconds
 def test_predict_and_export_use_the_averaged_weights(ema_run, tmp_path, capsys):
     _, results, checkpoint = ema_run
     ckpt_path = results["ckpt_path"]
