@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SKIP_MARKER = re.compile(r"<!-- docs-test: skip \((?P<reason>[^)]+(?:\([^)]*\)[^)]*)*)\) -->")
 # A path with a placeholder that ends in .ckpt: the test's checkpoint (its calibrated copy where named).
-CKPT_PLACEHOLDER = re.compile(r"[^\s=\"']*<[^\s\"']*\.ckpt")
+CKPT_PLACEHOLDER = re.compile(
+    r"(?:[^\s=\"'<]|<[^>\n]*>)*(?:<[^>\n]*\.ckpt>|<[^>\n]*>(?:[^\s=\"'<]|<[^>\n]*>)*\.ckpt)"
+)
 RESULTS = ROOT / "docs" / "results"
 
 
