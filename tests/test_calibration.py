@@ -86,7 +86,7 @@ def test_ece_is_a_test_metric_of_training_and_eval_alike(trained_run, real_data_
         ece = sum(n * abs(a - c) for n, a, c in gaps) / 10_000
         assert trained[key] - 0.01 <= ece <= trained[key] + 5e-4  # (and a bin edge may round apart)
         with Image.open(run_dir / f"reliability_{head}.png") as picture:
-            assert picture.mode == "RGB" and min(picture.size) > 200
+            assert picture.mode in ("RGB", "RGBA") and min(picture.size) > 200
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert {"test/digit_reliability", "test/sum_reliability"} <= set(events.Tags()["images"])

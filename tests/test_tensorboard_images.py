@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from mnist_adder.analysis.render import confusion_matrix_image, misclassified_grid
+from mnist_adder.analysis.render import confusion_matrix_figure, misclassified_grid
 from mnist_adder.training.tensorboard_images import ValidationImages
 
 IMAGE_TAGS = ("val/digit_confusion", "val/sum_confusion", "val/misclassified")
@@ -65,9 +65,16 @@ def test_confusion_matrices_agree_with_the_per_class_accuracies(make_cfg, tiny_m
     assert set(IMAGE_TAGS) <= set(events.Tags()["images"])
 
 
-def test_pictures_are_rgb_arrays():
-    matrix = torch.tensor([[5, 1], [0, 4]])
-    picture = confusion_matrix_image(torch.nn.functional.pad(matrix, (0, 17, 0, 17)), "sum")
-    assert picture.ndim == 3 and picture.shape[2] == 3 and picture.dtype.name == "uint8"
+def test_confusion_matrix_figure_shows_counts_and_row_accuracies():
+    matrix = torch.nn.functional.pad(torch.tensor([[5, 1], [0, 4]]), (0, 17, 0, 17))  # 19 sum classes
+    figure = confusion_matrix_figure(matrix, "sum")
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert {"5", "1", "4"} <= set(texts) and "0" not in texts  # empty cells stay blank
+    assert {"83.3", "100.0"} <= set(texts) and texts.count("-") == 17  # rows without samples
+    assert [t.get_text() for t in figure.texts] == ["sum"]
+
+
+def test_misclassified_grid_is_an_rgb_array():
     grid = misclassified_grid(torch.zeros(10, 1, 28, 28), [1] * 10, [2] * 10, [7] * 10, [9] * 10, columns=4)
-    assert grid.shape[2] == 3 and grid.shape[0] >= 3 * (84 + 34) and grid.shape[1] >= 4 * 84  # 3 rows of 4
+    assert grid.ndim == 3 and grid.shape[2] == 3 and grid.dtype.name == "uint8"
+    assert grid.shape[0] >= 3 * (84 + 34) and grid.shape[1] >= 4 * 84  # 3 rows of 4

@@ -1,74 +1,83 @@
-"""Pictures for TensorBoard, drawn with PIL (no plotting library): confusion matrices and image grids.
+"""Pictures for TensorBoard and the results page: charts drawn with matplotlib, image grids with PIL.
 
-Every function returns an RGB uint8 array [H, W, 3], what `SummaryWriter.add_image(..., dataformats="HWC")`
-takes.
+The charts (`confusion_matrix_figure`, `reliability_diagram_figure`, `draw_reliability`) are matplotlib
+`Figure`s, built without pyplot (no global figure state, no display: rendered by the Agg canvas), for
+`SummaryWriter.add_figure` and `Figure.savefig`. The grid of misclassified digits stays a PIL picture:
+it is pixels, not a chart, and returns an RGB uint8 array [H, W, 3] for `add_image(..., dataformats="HWC")`.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
 
-WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (120, 120, 120)
-BLUE, RED = (8, 48, 107), (180, 20, 20)
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+RED = (180, 20, 20)
+# White to blue for the diagonal (right), white to red for the errors (wrong).
+RIGHT_COLORS = LinearSegmentedColormap.from_list("right", ["#ffffff", "#08306b"])
+WRONG_COLORS = LinearSegmentedColormap.from_list("wrong", ["#ffffff", "#b41414"])
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _blend(color: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
-    """White blended towards `color` by `amount` in 0..1."""
-    amount = min(max(amount, 0.0), 1.0)
-    return tuple(round(255 + (c - 255) * amount) for c in color)  # type: ignore[return-value]
-
-
-def _centered_text(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, font, fill) -> None:
-    x0, y0, x1, y1 = box
-    draw.text(((x0 + x1) / 2, (y0 + y1) / 2), text, fill=fill, font=font, anchor="mm")
-
-
-def confusion_matrix_image(matrix: torch.Tensor, title: str) -> np.ndarray:
+def confusion_matrix_figure(matrix: torch.Tensor, title: str) -> Figure:
     """A confusion matrix (rows: true class, columns: predicted) with counts and each row's accuracy.
 
     The diagonal is shaded blue by the row's accuracy; errors red by their share of the row (magnified
     ten times, so that a single confusion is still visible next to a 98 % diagonal). The column on the
-    right is each class's accuracy.
+    right is each class's accuracy in percent.
     """
-    counts = matrix.detach().cpu().long()
+    counts = matrix.detach().cpu().long().numpy()
     num_classes = counts.shape[0]
-    cell = 34 if num_classes <= 10 else 28
-    font, small = _font(cell // 3 + 2), _font(cell // 3)
-    left, top, right, bottom = 2 * cell, 3 * cell, 2 * cell, cell
+    totals = counts.sum(axis=1, keepdims=True)
+    share = counts / np.maximum(totals, 1)
+    diagonal = np.eye(num_classes, dtype=bool)
+    colors = np.where(
+        diagonal[..., None],
+        RIGHT_COLORS(share),
+        WRONG_COLORS(np.where(counts > 0, np.clip(0.12 + 10 * share, 0, 1), 0.0)),
+    )
+    # Fixed margins in inches rather than a layout engine: measuring every text for the layout doubled
+    # the time to draw, and this runs after every validation epoch.
+    cell, left, right, top, bottom = 0.34, 0.6, 0.6, 0.9, 0.15
     width, height = left + num_classes * cell + right, top + num_classes * cell + bottom
-    image = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 6), title, fill=BLACK, font=font)
-    _centered_text(draw, (left, cell, left + num_classes * cell, 2 * cell), "predicted", small, GREY)
-    _centered_text(draw, (0, top - cell, left, top), "true", small, GREY)
-    _centered_text(draw, (left + num_classes * cell, top - cell, width, top), "acc %", small, GREY)
-    row_totals = counts.sum(dim=1)
+    figure = Figure(figsize=(width, height), dpi=100)
+    axes = figure.add_axes(
+        (left / width, bottom / height, num_classes * cell / width, num_classes * cell / height)
+    )
+    axes.imshow(colors, interpolation="nearest")
+    font = 8 if num_classes <= 10 else 6
+    for i, j in zip(*np.nonzero(counts), strict=True):
+        dark = diagonal[i, j] and share[i, j] > 0.5
+        axes.text(
+            j,
+            i,
+            str(counts[i, j]),
+            ha="center",
+            va="center",
+            fontsize=font,
+            color="white" if dark else "black",
+        )
     for i in range(num_classes):
-        y = top + i * cell
-        _centered_text(draw, (left - cell, y, left, y + cell), str(i), font, BLACK)
-        _centered_text(draw, (left + i * cell, top - cell, left + (i + 1) * cell, top), str(i), font, BLACK)
-        total = int(row_totals[i])
-        for j in range(num_classes):
-            count = int(counts[i, j])
-            share = count / total if total else 0.0
-            fill = _blend(BLUE, share) if i == j else _blend(RED, 0.12 + 10 * share if count else 0.0)
-            x = left + j * cell
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill, outline=(225, 225, 225))
-            if count:
-                dark = sum(fill) < 3 * 150
-                _centered_text(draw, (x, y, x + cell, y + cell), str(count), small, WHITE if dark else BLACK)
-        accuracy = f"{100 * int(counts[i, i]) / total:.1f}" if total else "-"
-        x = left + num_classes * cell
-        _centered_text(draw, (x, y, x + right, y + cell), accuracy, small, BLACK)
-    return np.asarray(image)
+        accuracy = f"{100 * share[i, i]:.1f}" if totals[i, 0] else "-"
+        axes.text(num_classes - 0.2, i, accuracy, ha="left", va="center", fontsize=font)
+    axes.text(num_classes - 0.2, -0.9, "acc %", ha="left", va="center", fontsize=font, color="grey")
+    axes.set_xticks(range(num_classes), labels=[str(c) for c in range(num_classes)], fontsize=font)
+    axes.set_yticks(range(num_classes), labels=[str(c) for c in range(num_classes)], fontsize=font)
+    axes.xaxis.set_ticks_position("top")
+    axes.xaxis.set_label_position("top")
+    axes.set_xlabel("predicted", fontsize=font + 1)
+    axes.set_ylabel("true", fontsize=font + 1)
+    figure.text(0.1 / width, 1 - 0.1 / height, title, fontsize=font + 1, va="top")
+    return figure
 
 
 def _to_pixels(image: torch.Tensor) -> np.ndarray:
@@ -111,54 +120,50 @@ def misclassified_grid(
     return np.asarray(grid)
 
 
-def reliability_diagram_image(bins: dict[str, Sequence[float]], title: str, size: int = 360) -> np.ndarray:
-    """A reliability diagram from `reliability_bins`: per confidence bin a bar of its accuracy (blue),
-    the gap to its mean confidence (red: over-confident above the bar, under-confident inside it),
-    the diagonal of perfect calibration, and below, the share of samples per bin (log scale: most
-    samples of a good model sit in the last bin)."""
-    counts, confidences, accuracies = bins["count"], bins["confidence"], bins["accuracy"]
-    n_bins, total = len(counts), max(sum(counts), 1)
-    font, small = _font(13), _font(11)
-    left, top, right, gap, hist = 48, 40, 16, 34, 60
-    width, height = left + size + right, top + size + gap + hist + 28
-    image = Image.new("RGB", (width, height), WHITE)
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 8), title, fill=BLACK, font=font)
-
-    def x_at(value: float) -> float:
-        return left + value * size
-
-    def y_at(value: float, base: int = top + size, span: int = size) -> float:
-        return base - value * span
-
-    bin_width = size / n_bins
-    for k in range(n_bins):
-        if not counts[k]:
-            continue
-        x0, x1 = left + k * bin_width, left + (k + 1) * bin_width - 1
-        accuracy, confidence = accuracies[k], confidences[k]
-        draw.rectangle((x0, y_at(accuracy), x1, y_at(0)), fill=_blend(BLUE, 0.75))
-        low, high = sorted((accuracy, confidence))
-        draw.rectangle((x0, y_at(high), x1, y_at(low)), fill=_blend(RED, 0.45), outline=RED)
-    draw.rectangle((left, top, left + size, top + size), outline=BLACK)
-    draw.line((x_at(0), y_at(0), x_at(1), y_at(1)), fill=GREY, width=1)
-    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        draw.text((left - 6, y_at(tick)), f"{tick:.1f}", fill=BLACK, font=small, anchor="rm")
-        draw.text((x_at(tick), top + size + 4), f"{tick:.1f}", fill=BLACK, font=small, anchor="ma")
-    draw.text((left + 4, top + 4), "accuracy", fill=GREY, font=small, anchor="la")
-    # Sample share per bin on a log scale from 1e-4 to 1.
-    base = top + size + gap + hist
-    draw.text(
-        (left, top + size + 18),
-        "confidence (top probability); below: share of samples, log",
-        fill=GREY,
-        font=small,
+def draw_reliability(axes: Axes, histogram: Axes, bins: dict[str, Sequence[float]], title: str) -> None:
+    """A reliability diagram from `reliability_bins` on two axes: on `axes` per confidence bin a bar of
+    its accuracy (blue), the gap to its mean confidence (red: over-confident above the bar,
+    under-confident inside it) and the diagonal of perfect calibration; on `histogram` the share of
+    samples per bin (log scale: most samples of a good model sit in the last bin)."""
+    counts = np.asarray(bins["count"], dtype=float)
+    confidence, accuracy = np.asarray(bins["confidence"]), np.asarray(bins["accuracy"])
+    n_bins, total = len(counts), max(counts.sum(), 1.0)
+    left = np.arange(n_bins) / n_bins
+    filled = counts > 0
+    width = 1 / n_bins
+    axes.bar(
+        left[filled],
+        accuracy[filled],
+        width,
+        align="edge",
+        color="#8fa9cc",
+        edgecolor="white",
+        label="accuracy",
     )
-    for k in range(n_bins):
-        if counts[k]:
-            share = counts[k] / total
-            level = min(max((np.log10(share) + 4) / 4, 0.02), 1.0)
-            x0 = left + k * bin_width
-            draw.rectangle((x0, base - level * hist, x0 + bin_width - 1, base), fill=GREY)
-    draw.line((left, base, left + size, base), fill=BLACK)
-    return np.asarray(image)
+    low, high = np.minimum(accuracy, confidence), np.maximum(accuracy, confidence)
+    axes.bar(
+        left[filled],
+        (high - low)[filled],
+        width,
+        bottom=low[filled],
+        align="edge",
+        color="#e3a3a3",
+        edgecolor="#b41414",
+        label="gap to confidence",
+    )
+    axes.plot([0, 1], [0, 1], color="grey", linewidth=1, label="perfect calibration")
+    axes.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    axes.set_title(title, fontsize=9, loc="left")
+    axes.legend(loc="upper left", fontsize=7, frameon=False)
+    histogram.bar(left[filled], counts[filled] / total, width, align="edge", color="grey")
+    histogram.set(
+        xlim=(0, 1), yscale="log", ylim=(1e-4, 1), xlabel="confidence (top probability)", ylabel="share"
+    )
+
+
+def reliability_diagram_figure(bins: dict[str, Sequence[float]], title: str) -> Figure:
+    """`draw_reliability` as a figure of its own (eval's `reliability_<head>.png` and TensorBoard)."""
+    figure = Figure(figsize=(4.2, 5.0), dpi=100, layout="constrained")
+    axes, histogram = figure.subplots(2, 1, sharex=True, height_ratios=(4, 1))
+    draw_reliability(axes, histogram, bins, title)
+    return figure

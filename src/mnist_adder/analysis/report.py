@@ -36,6 +36,10 @@ COLUMNS: tuple[Column, ...] = (
 OPTIONAL_KEYS = frozenset({"test/sum_acc_seen_pairs", "test/sum_acc_unseen_pairs"})
 SEED_KEY = "seed"
 MISSING = "no metrics.json"
+# The summary of runs that `scripts/report.py ... --out <dir>` writes (analysis/results_page.py) and
+# reads back in place of the run folders.
+RUNS_FILE = "runs.json"
+SUMMARY_FORMAT = 1
 
 
 @dataclass
@@ -88,6 +92,35 @@ def read_job(job_dir: Path) -> Job:
     if metrics is None:
         return Job(job_dir, overrides, None, MISSING)
     return Job(job_dir, overrides, metrics, "completed")
+
+
+def task_name(job_dir: Path) -> str:
+    """`train`, `eval`, `calibrate`, ... from the job's stored config (train for a config without one)."""
+    config = job_dir / ".hydra" / "config.yaml"
+    return str(OmegaConf.load(config).get("task_name", "train")) if config.is_file() else "train"
+
+
+def load_runs(path: Path) -> dict[str, Any]:
+    """A summary written by `collect_runs` (`runs.json`)."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read {path}: {err}. Give a runs.json written by scripts/report.py --out."
+        ) from err
+    if not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT or "runs" not in summary:
+        raise UserError(
+            f"{path} is not a runs.json of this version of scripts/report.py (format {SUMMARY_FORMAT}); "
+            "write it again from the run folders: python scripts/report.py <run folders...> --out <dir>."
+        )
+    return summary
+
+
+def summary_jobs(summary: dict[str, Any]) -> list[Job]:
+    """The runs of a summary as the report's jobs, so the tables group and average them as for folders."""
+    return [
+        Job(Path(r["name"]), r["overrides"], r["metrics"], r["status"], r["error"]) for r in summary["runs"]
+    ]
 
 
 def find_jobs(folder: Path) -> list[Job]:
@@ -240,7 +273,16 @@ def build_report(
     folders: Sequence[Path], fmt: str = "markdown", group_by: Sequence[str] | None = None
 ) -> tuple[str, str]:
     """(report for stdout, notes for stderr): the table, and in markdown the context around it."""
-    jobs = [job for folder in folders for job in find_jobs(Path(folder))]
+    if len(folders) == 1 and Path(folders[0]).is_file():
+        summary = load_runs(Path(folders[0]))
+        jobs, group_by = summary_jobs(summary), group_by or summary["group_by"]
+    else:
+        # eval and calibrate runs given beside the training runs add to the results page, not the table.
+        jobs = [
+            job for folder in folders for job in find_jobs(Path(folder)) if task_name(job.path) == "train"
+        ]
+        if not jobs:
+            raise UserError(f"no training runs in {', '.join(str(f) for f in folders)}.")
     columns = shown_columns(jobs)
     rows = [summarize(group, columns) for group in group_jobs(jobs, group_by)]
     problems = unfinished(jobs)
@@ -267,7 +309,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Mean and std over seeds of every configuration in one or more sweep folders.",
     )
     parser.add_argument(
-        "folders", nargs="+", type=Path, help="multirun folders (logs/train/multiruns/<date_time>)"
+        "folders",
+        nargs="+",
+        type=Path,
+        help="multirun or run folders (logs/train/multiruns/<date_time>), or one runs.json written by --out",
     )
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="table format")
     parser.add_argument(
@@ -275,5 +320,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         metavar="KEY",
         help="group by these override keys only (e.g. model); default: every override but seed",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write the results page there: index.md, its figures, and runs.json (what was read, from "
+        "which the page can be written again: scripts/report.py DIR/runs.json --out DIR)",
     )
     return parser.parse_args(argv)

@@ -47,7 +47,8 @@ def format_calibration(summary: dict[str, Any]) -> str:
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
     """Fit the temperatures of `cfg.ckpt_path` on validation, write the calibrated checkpoint, and return
-    (and write to `<output_dir>/calibration.json`) the temperatures and the NLL and ECE before and after."""
+    (and write to `<output_dir>/calibration.json`) the temperatures, the NLL and ECE before and after, and
+    the test set's reliability bins before and after."""
     if not cfg.get("ckpt_path"):
         raise UserError(
             f"no checkpoint given: python scripts/calibrate.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
@@ -70,8 +71,10 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
 
     trainer = evaluation_trainer(run_config.trainer, cfg, output_dir)
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    bins_before = dict(module.calibration_results)  # the reliability diagrams' bins, for the results page
     net.set_temperatures(temperatures["digit"], temperatures["sum"])
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    bins_after = dict(module.calibration_results)
     for key in ("test/digit_acc", "test/sum_acc"):
         # Dividing logits by a positive number keeps every argmax: the accuracies must not move.
         # (Two logits that round to the same value after the division could tie; say so if it ever happens.)
@@ -86,6 +89,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             "val_nll_after": nll(val[logits], val[labels], temperatures[head]),
             "test_ece_before": float(before[f"test/{head}_ece"]),
             "test_ece_after": float(after[f"test/{head}_ece"]),
+            "test_reliability_before": bins_before[f"test/{head}_reliability"],
+            "test_reliability_after": bins_after[f"test/{head}_reliability"],
         }
     summary["fitted_on"] = (
         f"validation split ({len(val['label'])} images, data.split_seed={run_config.data.split_seed})"

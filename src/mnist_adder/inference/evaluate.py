@@ -13,10 +13,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
-from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from mnist_adder.analysis.render import reliability_diagram_image
+from mnist_adder.analysis.render import reliability_diagram_figure
 from mnist_adder.analysis.robustness import evaluate_robustness, format_robustness
 from mnist_adder.cli import build
 from mnist_adder.config_checks import accelerator_problem, check_config
@@ -72,9 +71,9 @@ def _reliability_diagrams(results: dict[str, Any], output_dir: Path, writer: Sum
         if bins is None:
             continue
         title = f"{head} head, test set: ECE {results[f'test/{head}_ece']:.4f} (15 bins)"
-        image = reliability_diagram_image(bins, title)
-        Image.fromarray(image).save(output_dir / f"reliability_{head}.png")
-        writer.add_image(f"test/{head}_reliability", image, 0, dataformats="HWC")
+        figure = reliability_diagram_figure(bins, title)
+        figure.savefig(output_dir / f"reliability_{head}.png")
+        writer.add_figure(f"test/{head}_reliability", figure, 0)
         writer.add_scalar(f"test/{head}_ece", results[f"test/{head}_ece"], 0)
 
 

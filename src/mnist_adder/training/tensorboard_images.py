@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mnist_adder.analysis.render import confusion_matrix_image, misclassified_grid
+from mnist_adder.analysis.render import confusion_matrix_figure, misclassified_grid
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 
 
@@ -85,8 +85,8 @@ class ValidationImages(pl.Callback):
         writer, step, epoch = tensorboard.experiment, trainer.global_step, trainer.current_epoch
         for head, matrix in self.matrices.items():
             title = f"{head}: true (rows) vs predicted (columns), validation, epoch {epoch}"
-            image = confusion_matrix_image(matrix, title)
-            writer.add_image(f"val/{head}_confusion", image, step, dataformats="HWC")
+            # add_figure renders the matplotlib figure (Agg) to an image and closes it.
+            writer.add_figure(f"val/{head}_confusion", confusion_matrix_figure(matrix, title), step)
         if self._num_wrong:
             images, labels, numbers, digit_preds, sum_preds = (
                 torch.cat(parts) for parts in zip(*self._wrong, strict=True)
