@@ -91,7 +91,7 @@ def test_two_nodes_on_the_loopback_write_one_run_folder(two_node_run):
     log_dir, result = two_node_run
     output = result.stdout + result.stderr
     assert "[node 1] " in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # node 1 trained too
-    assert "trainer.num_nodes=2" in output and "--node_rank" not in output  # the overrides it printed
+    assert "[local_nodes] 2 nodes on 127.0.0.1:" in output and "trainer.num_nodes=2" in output
     runs = list((log_dir / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # both nodes in the one folder the script chose
     run = runs[0]
