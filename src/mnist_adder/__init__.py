@@ -2,6 +2,8 @@
 
 from omegaconf import OmegaConf
 
+from mnist_adder.ranks import on_rank_zero, rank_log_suffix
+
 __version__ = "0.1.0"
 
 
@@ -13,3 +15,6 @@ def _auto_precision(accelerator: str = "auto") -> str:
 
 # conf/trainer/auto.yaml: `precision: ${auto_precision:${.accelerator}}`, decided on the machine that runs.
 OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
+# conf/hydra/default.yaml: ranks > 0 of torchrun or srun log to train_rank<R>.log and write no .hydra/.
+OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
+OmegaConf.register_new_resolver("on_rank_zero", on_rank_zero, replace=True)

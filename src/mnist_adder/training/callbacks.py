@@ -223,10 +223,15 @@ class NonFiniteLossGuard(Callback):
         )
 
 
-def _kept_checkpoint(trainer: pl.Trainer) -> str:
+def newest_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The checkpoint file the trainer's checkpoint callbacks wrote last, or None if none is there yet."""
     folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
     saved = [path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")]
-    if not saved:
+    return max(saved, key=lambda path: path.stat().st_mtime) if saved else None
+
+
+def _kept_checkpoint(trainer: pl.Trainer) -> str:
+    newest = newest_checkpoint(trainer)
+    if newest is None:
         return "No checkpoint had been saved yet."
-    newest = max(saved, key=lambda path: path.stat().st_mtime)
     return f"The newest checkpoint, saved before it, is kept: {newest}."

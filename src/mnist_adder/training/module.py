@@ -135,11 +135,23 @@ class DigitSumModule(pl.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def _log_synced(self, values: dict[str, torch.Tensor]) -> None:
+        """Log epoch values that a torchmetrics compute() has already reduced over all processes.
+
+        Each process then holds the number of the whole dataset, the same on all of them. sync_dist=True
+        tells Lightning so (without it, it warns that epoch values are not synced under DDP): its
+        reduction, the mean over processes of one and the same number, gives that number back (exactly
+        for 2, 4, 8... processes, to float rounding for others) at the cost of one all-reduce of a
+        scalar per value and epoch. Logging the Metric objects instead (Lightning computes and resets
+        them) does not fit: one DigitSumMetrics computes seven values from one synced state, and the
+        calibration metrics' states are read again for the reliability bins before their reset.
+        """
+        self.log_dict(values, sync_dist=True)
+
     def _log_epoch(self, stage: str) -> None:
-        # Logged once per epoch from the accumulated sums: no per-step logging cost, and
-        # compute() has already reduced across processes.
+        # Logged once per epoch from the accumulated sums: no per-step logging cost.
         metrics = self.stage_metrics[f"{stage}_metrics"]
-        self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()})
+        self._log_synced({f"{stage}/{name}": value for name, value in metrics.compute().items()})
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
@@ -170,7 +182,7 @@ class DigitSumModule(pl.LightningModule):
 
     def _end_calibration_epoch(self, stage: str) -> None:
         for name, metric in self.calibration_metrics[f"{stage}_calibration"].items():
-            self.log(f"{stage}/{name}", metric.compute())
+            self._log_synced({f"{stage}/{name}": metric.compute()})
             with metric.sync_context():  # every process's samples, as compute() saw them
                 bins = reliability_bins(metric.confidences, metric.accuracies, metric.n_bins)
             self.calibration_results[f"{stage}/{name.removesuffix('_ece')}_reliability"] = bins
@@ -180,7 +192,7 @@ class DigitSumModule(pl.LightningModule):
         self._log_epoch("test")
         self._end_per_class_epoch("test")
         if self.heldout_table is not None:
-            self.log_dict({f"test/{name}": v for name, v in self.heldout_pair_metrics.compute().items()})
+            self._log_synced({f"test/{name}": v for name, v in self.heldout_pair_metrics.compute().items()})
             self.heldout_pair_metrics.reset()
         self._end_calibration_epoch("test")
 

@@ -20,7 +20,7 @@ from mnist_adder.results import format_results, write_json_atomic
 from mnist_adder.training.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
 from mnist_adder.training.config_tree import print_config_tree
 from mnist_adder.training.run_dir import claim_output_dir
-from mnist_adder.training.scaleout import check_process_launch
+from mnist_adder.training.scaleout import check_process_launch, lost_peers_stop_clearly
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_process_launch(trainer)
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with lost_peers_stop_clearly(trainer, "training"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except SIGTERMException:
         # InterruptCheckpoint has saved last.ckpt and logged how to continue; exit as killed by SIGTERM.
         log.error("Training stopped by SIGTERM.")
@@ -101,7 +102,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # copied the average into the module.
     trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, WeightAveraging)]
     # fast_dev_run writes no checkpoint: test the weights in memory then.
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
+    with lost_peers_stop_clearly(trainer, "testing"):
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+    test_metrics = tested[0]
 
     results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
     results |= {
