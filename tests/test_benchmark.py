@@ -58,6 +58,21 @@ def test_benchmark_json_lines(tiny_mnist, tmp_path):
 
 
 @pytest.mark.slow
+def test_benchmark_puts_adders_side_by_side(tiny_mnist, tmp_path):
+    rows = _benchmark_rows(
+        tiny_mnist,
+        tmp_path / "bench",
+        "models=[small]",
+        "adders=[mlp,shift,conv]",
+        "steps=2",
+        "warmup=1",
+        "repeats=1",
+    )
+    assert [r["model"] for r in rows] == ["small/mlp", "small/shift", "small/conv"]
+    assert all(r["project_img_s"] > 0 and r["raw_img_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_benchmark_fast_vs_seed_epoch(tiny_mnist, tmp_path):
     run_dir = tmp_path / "bench"
     (row,) = _benchmark_rows(tiny_mnist, run_dir, "fast=true", "repeats=1")

@@ -10,7 +10,7 @@ from mnist_adder.training.module import DigitSumModule
 
 from conftest import CONF_DIR
 
-GROUPS = ["data", "model", "trainer", "callbacks", "logger", "experiment"]
+GROUPS = ["data", "model", "model/adder", "trainer", "callbacks", "logger", "experiment"]
 
 
 def choices(group: str) -> list[str]:

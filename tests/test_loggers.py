@@ -17,6 +17,7 @@ METRICS_JSON_KEYS = {
     "test/sum_given_digit_acc",
     "test/digit_ece",
     "test/sum_ece",
+    "test/sum_coherence_gap",
     "test/digit_acc_per_class",
     "test/sum_acc_per_class",
     "ckpt_path",

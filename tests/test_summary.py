@@ -77,3 +77,16 @@ def test_summary_prints_both_tables(capsys):
     out = capsys.readouterr().out
     assert "Total params: 21,843" in out and "[-1, 10, 26, 26]" in out
     assert "receptive field is 28x28" in out and "covers the 28x28 image" in out
+
+
+@pytest.mark.parametrize("adder", ["shift", "conv"])
+def test_summary_counts_every_adder(capsys, adder):
+    summary(compose_config([f"model/adder={adder}"], config_name="summary"))
+    out = capsys.readouterr().out
+    net = hydra.utils.instantiate(compose_config([f"model/adder={adder}"]).model.net)
+    total = sum(p.numel() for p in net.parameters())
+    assert f"Total params: {total:,}" in out
+    # The exact shift has no parameters but is a layer of its own; the learned one is its kernel table.
+    row = "adder (ShiftAdder)" if adder == "shift" else "adder.kernel (Linear)"
+    params = 0 if adder == "shift" else 100
+    assert any(line.startswith(row) and line.split()[-1] == f"{params:,}" for line in out.splitlines()), out

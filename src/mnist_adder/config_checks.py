@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_adder.adder_inputs import ADDER_INPUTS, accepted_adder_inputs
 from mnist_adder.devices import CUDA_ACCELERATORS, has_cuda, has_mps, machine_accelerators
 from mnist_adder.errors import UserError
 from mnist_adder.heldout import HELDOUT_PRESETS, NUM_DIGITS, heldout_pair_list
@@ -107,17 +108,20 @@ def heldout_pairs_problem(value: Any) -> str | None:
         for pair in shown
     ):
         return _bad("data.heldout_pairs", shown, allowed)
-    held_per_digit = [0] * NUM_DIGITS
-    for digit, _ in set(heldout_pair_list(shown)):
-        held_per_digit[digit] += 1
-    full = [digit for digit, count in enumerate(held_per_digit) if count == NUM_DIGITS]
-    if full:
-        return _bad(
-            "data.heldout_pairs",
-            shown,
-            f"it holds out all {NUM_DIGITS} numbers of digit {', '.join(map(str, full))}, so its training "
-            "images could be paired with no number; leave at least one number per digit",
-        )
+    pairs = set(heldout_pair_list(shown))
+    for kept, partners in (("digit", "numbers"), ("number", "digits")):
+        # A digit whose every number is held out could be paired with none; a number whose every digit
+        # is held out would never reach training at all.
+        column = 0 if kept == "digit" else 1
+        held = [sum(pair[column] == value for pair in pairs) for value in range(NUM_DIGITS)]
+        full = [str(value) for value, count in enumerate(held) if count == NUM_DIGITS]
+        if full:
+            return _bad(
+                "data.heldout_pairs",
+                shown,
+                f"it holds out all {NUM_DIGITS} {partners} of {kept} {', '.join(full)}, which then has no "
+                f"partner in training; leave at least one {partners.removesuffix('s')} per {kept}",
+            )
     return None
 
 
@@ -126,6 +130,22 @@ def check_heldout_pairs(value: Any) -> None:
     problem = heldout_pairs_problem(value)
     if problem is not None:
         raise UserError(f"{problem}.")
+
+
+def adder_input_problem(adder_target: Any, adder_input: Any, adder_choice: str | None) -> str | None:
+    """Why the adder `adder_target` cannot add `adder_input` (None if it can, or if the value is unknown:
+    DigitSumNet names the allowed values then). `adder_choice`: its model/adder choice, if known."""
+    if not isinstance(adder_target, str) or adder_input not in ADDER_INPUTS:
+        return None
+    accepted = accepted_adder_inputs(adder_target)
+    if adder_input in accepted:
+        return None
+    adder = f"model/adder={adder_choice} ({adder_target})" if adder_choice else adder_target
+    return (
+        f"model.net.adder_input={adder_input} cannot feed {adder}, which adds the digit's probabilities: "
+        f"set {' or '.join(f'model.net.adder_input={value}' for value in accepted)}, "
+        "or choose an adder that takes logits (model/adder=mlp)"
+    )
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
@@ -161,6 +181,18 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             "model.digit_weight=0 and model.sum_weight=0 are not allowed together: "
             "at least one must be > 0, or the loss is 0 and nothing trains"
+        )
+    adder_input = get("model.net.adder_input")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    problem = adder_input_problem(get("model.net.adder._target_"), adder_input, choices.get("model/adder"))
+    if problem is not None:
+        problems.append(problem)
+    digit_weight = weights["model.digit_weight"]
+    if adder_input == "detached" and _is_number(digit_weight) and digit_weight == 0:
+        problems.append(
+            "model.digit_weight=0 with model.net.adder_input=detached trains no part of the backbone: "
+            "the digit loss is off and the sum loss is stopped before it; "
+            "set model.net.adder_input=softmax (or a model.digit_weight > 0)"
         )
     val_size = get("data.val_size")
     if val_size is not _MISSING and (problem := val_size_problem(val_size)) is not None:

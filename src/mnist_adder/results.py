@@ -16,12 +16,15 @@ TABLE_METRICS = (
     "sum_given_digit_acc",
     "sum_acc_seen_pairs",
     "sum_acc_unseen_pairs",
+    "sum_acc_unseen_sums",
     "loss",
     "digit_ece",
     "sum_ece",
+    "sum_coherence_gap",
 )
-# Shown as they are, not in percent: a loss, and calibration errors (a fraction, but not an accuracy).
-PLAIN_METRICS = ("loss", "digit_ece", "sum_ece")
+# Shown as they are, not in percent: a loss, and calibration errors and the coherence gap (gaps between
+# probabilities, not accuracies).
+PLAIN_METRICS = ("loss", "digit_ece", "sum_ece", "sum_coherence_gap")
 
 
 @contextmanager

@@ -218,18 +218,28 @@ def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
 
 
 def benchmark(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Measure every model in cfg.models (or, with cfg.fast, the fast preset against a seed epoch);
-    print a table or JSON lines; return the rows."""
+    """Measure every model in cfg.models (with each of cfg.adders, if given; or, with cfg.fast, the fast
+    preset against a seed epoch); print a table or JSON lines; return the rows."""
     if cfg.get("fast"):
         return [fast_vs_seed_epoch(cfg)]
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     rows = []
     device_name = None
-    for model in cfg.models:
+    adders = cfg.get("adders")
+    runs = (
+        [
+            (f"{model}/{adder}", [f"model={model}", f"model/adder={adder}"])
+            for model in cfg.models
+            for adder in adders
+        ]
+        if adders
+        else [(model, [f"model={model}"]) for model in cfg.models]
+    )
+    for model, model_overrides in runs:
         run_cfg = compose(
             config_name="train",
             overrides=[
-                f"model={model}",
+                *model_overrides,
                 f"trainer={_trainer_choice()}",
                 f"paths.data_dir={cfg.paths.data_dir}",
                 *cfg.get("overrides", []),
@@ -290,11 +300,11 @@ def format_table(rows: list[dict[str, Any]], cfg: DictConfig) -> str:
     lines = [
         f"device: {rows[0]['device'] if rows else '-'}; {cfg.steps} timed steps after {cfg.warmup} warm-up, "
         f"median of {cfg.repeats} alternating repeats",
-        f"{'model':<8}{'params':>9}{'batch':>7}{'project img/s':>15}{'raw img/s':>12}{'ratio':>8}",
+        f"{'model':<12}{'params':>9}{'batch':>7}{'project img/s':>15}{'raw img/s':>12}{'ratio':>8}",
     ]
     for r in rows:
         lines.append(
-            f"{r['model']:<8}{r['params']:>9,}{r['batch_size']:>7}{r['project_img_s']:>15,.0f}"
+            f"{r['model']:<12}{r['params']:>9,}{r['batch_size']:>7}{r['project_img_s']:>15,.0f}"
             f"{r['raw_img_s']:>12,.0f}{r['ratio']:>8.3f}"
         )
     return "\n".join(lines)

@@ -29,11 +29,23 @@ COLUMNS: tuple[Column, ...] = (
     ("test/sum_given_digit_acc", "sum given digit %", True),
     ("test/sum_acc_seen_pairs", "sum seen pairs %", True),
     ("test/sum_acc_unseen_pairs", "sum unseen pairs %", True),
+    ("test/sum_acc_unseen_sums", "sum unseen sums %", True),
+    # Mean |P(sum = s) - P(digit = s - n)| at the predicted sum, in percentage points.
+    ("test/sum_coherence_gap", "coherence gap %", True),
     ("num_parameters", "parameters", False),
     ("fit_seconds", "fit s", False),
 )
-# Only runs with data.heldout_pairs have these: shown when some job has them, never as a column of "-".
-OPTIONAL_KEYS = frozenset({"test/sum_acc_seen_pairs", "test/sum_acc_unseen_pairs"})
+# Only runs with data.heldout_pairs (unseen sums: that hold out every pair of a sum) have the first three,
+# and runs from before the coherence metric lack the last: each is shown when some job has it, never as a
+# column of "-".
+OPTIONAL_KEYS = frozenset(
+    {
+        "test/sum_acc_seen_pairs",
+        "test/sum_acc_unseen_pairs",
+        "test/sum_acc_unseen_sums",
+        "test/sum_coherence_gap",
+    }
+)
 SEED_KEY = "seed"
 MISSING = "no metrics.json"
 # The summary of runs that `scripts/report.py ... --out <dir>` writes (analysis/results_page.py) and

@@ -1,5 +1,6 @@
+from mnist_adder.models.adders import ConvAdder, ShiftAdder
 from mnist_adder.models.convnet import ConvBackbone, MLPAdder
 from mnist_adder.models.digit_sum import DigitSumNet
 from mnist_adder.models.seed import SeedAdder, SeedBackbone
 
-__all__ = ["ConvBackbone", "DigitSumNet", "MLPAdder", "SeedAdder", "SeedBackbone"]
+__all__ = ["ConvAdder", "ConvBackbone", "DigitSumNet", "MLPAdder", "SeedAdder", "SeedBackbone", "ShiftAdder"]

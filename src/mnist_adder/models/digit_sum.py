@@ -5,6 +5,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mnist_adder.adder_inputs import accepted_adder_inputs
+
 AdderInput = Literal["logits", "softmax", "detached"]
 # One temperature per head (temperature scaling, Guo et al. 2017), stored as buffers so that they travel
 # with the weights: in checkpoints, and as constants in the ONNX and TorchScript exports.
@@ -16,7 +18,8 @@ class DigitSumNet(nn.Module):
 
     The adder sees `cat([digit_output, number_onehot])`, where digit_output is the backbone's raw
     logits (as the seed did), their softmax (a scale the adder can rely on), or the softmax with the
-    gradient stopped (the sum loss then cannot pull on the backbone).
+    gradient stopped (the sum loss then cannot pull on the backbone). The shift adders (models/adders.py)
+    add a distribution, so they take the softmax only (`mnist_adder.adder_inputs`).
 
     The returned logits are divided by `digit_temperature` and `sum_temperature` (1 unless a checkpoint
     was calibrated, see `mnist_adder.analysis.calibration`). The adder always sees the raw digit output,
@@ -30,6 +33,12 @@ class DigitSumNet(nn.Module):
         super().__init__()
         if adder_input not in ("logits", "softmax", "detached"):
             raise ValueError(f"adder_input must be logits, softmax or detached, not {adder_input!r}")
+        accepted = accepted_adder_inputs(type(adder).__name__)
+        if adder_input not in accepted:
+            raise ValueError(
+                f"{type(adder).__name__} adds the digit's probabilities: adder_input must be "
+                f"{' or '.join(accepted)}, not {adder_input!r}"
+            )
         self.backbone, self.adder, self.adder_input = backbone, adder, adder_input
         # Buffers, not parameters: the optimizer never sees them and parameter counts stay as they were.
         for name in TEMPERATURES:

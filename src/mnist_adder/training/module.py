@@ -12,8 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_adder.analysis.calibration import calibration_error, reliability_bins
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
+from mnist_adder.heldout import heldout_sums
 from mnist_adder.models.digit_sum import DigitSumNet
-from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy
+from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy, SumCoherenceGap
 
 STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
@@ -49,7 +50,11 @@ class DigitSumModule(pl.LightningModule):
 
     When the datamodule holds (digit, number) pairs out of training (`data.heldout_pairs`), the test also
     gives `test/sum_acc_seen_pairs` and `test/sum_acc_unseen_pairs`: the sum accuracy on the test samples
-    whose pair training did and did not see.
+    whose pair training did and did not see; and when whole sums are held out (every pair of a sum),
+    `test/sum_acc_unseen_sums`: the sum accuracy on the test samples whose sum training never saw.
+
+    The test also gives `test/sum_coherence_gap`: the mean |P(sum = s) - P(digit = s - n)| at the
+    predicted sum s, how far the sum's confidence strays from the digit's it must come from.
 
     The test also gives the expected calibration error of each head, `test/{digit,sum}_ece` (15 bins,
     L1), and keeps the bins of its reliability diagram in `calibration_results`
@@ -85,6 +90,9 @@ class DigitSumModule(pl.LightningModule):
         # (10, 10) bool, True at [digit, number] for a pair held out of training: taken from the
         # datamodule when a test starts (None: nothing held out, no seen/unseen split).
         self.heldout_table: torch.Tensor | None = None
+        # [19] bool, True for a sum none of whose pairs training saw (set with heldout_table).
+        self.heldout_sum_table: torch.Tensor | None = None
+        self.sum_coherence = SumCoherenceGap()
         self.calibration_metrics = nn.ModuleDict(
             {f"{stage}_calibration": _calibration_metrics() for stage in CALIBRATION_STAGES}
         )
@@ -114,7 +122,13 @@ class DigitSumModule(pl.LightningModule):
                 per_class["sum_acc_per_class"].update(sum_pred, sum_label)
             if stage == "test" and self.heldout_table is not None:
                 unseen_pair = self.heldout_table[label, number_onehot.argmax(dim=-1)]
-                self.heldout_pair_metrics.update(sum_right, unseen_pair)
+                self.heldout_pair_metrics.update(sum_right, unseen_pair, self.heldout_sum_table[sum_label])
+            if stage == "test":
+                self.sum_coherence.update(
+                    digit_logits.float().softmax(dim=-1),
+                    sum_logits.float().softmax(dim=-1),
+                    number_onehot.argmax(dim=-1),
+                )
             if stage in CALIBRATION_STAGES:
                 # Probabilities in float32 (the logits may be bf16 under autocast), as predict reports them.
                 calibration = self.calibration_metrics[f"{stage}_calibration"]
@@ -177,8 +191,19 @@ class DigitSumModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         # The held-out pairs belong to the data: the datamodule that builds the test batches (from the
         # run config, also in scripts/eval.py) says which; plain dataloaders hold nothing out.
-        table = getattr(self.trainer.datamodule, "heldout_table", None)
+        self.set_heldout_table(getattr(self.trainer.datamodule, "heldout_table", None))
+
+    def set_heldout_table(self, table: torch.Tensor | None) -> None:
+        """Split the test sum accuracy by the (10, 10) table of pairs held out of training (None: none)."""
         self.heldout_table = table.to(self.device) if table is not None else None
+        self.heldout_sum_table = heldout_sums(self.heldout_table) if table is not None else None
+
+    def heldout_results(self) -> dict[str, torch.Tensor]:
+        """The test's sum accuracy on seen and unseen pairs, and on unseen sums if any sum was held out."""
+        results = self.heldout_pair_metrics.compute()
+        if not self.heldout_sum_table.any():  # every sum was seen in training: no such group, no key
+            del results["sum_acc_unseen_sums"]
+        return {f"test/{name}": value for name, value in results.items()}
 
     def _end_calibration_epoch(self, stage: str) -> None:
         for name, metric in self.calibration_metrics[f"{stage}_calibration"].items():
@@ -192,8 +217,10 @@ class DigitSumModule(pl.LightningModule):
         self._log_epoch("test")
         self._end_per_class_epoch("test")
         if self.heldout_table is not None:
-            self._log_synced({f"test/{name}": v for name, v in self.heldout_pair_metrics.compute().items()})
+            self._log_synced(self.heldout_results())
             self.heldout_pair_metrics.reset()
+        self._log_synced({"test/sum_coherence_gap": self.sum_coherence.compute()})
+        self.sum_coherence.reset()
         self._end_calibration_epoch("test")
 
     def configure_optimizers(self) -> Any:
