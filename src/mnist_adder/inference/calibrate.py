@@ -89,9 +89,14 @@ def with_test_results(
 
 
 def format_calibration(summary: dict[str, Any]) -> str:
-    """The table for people: per head, its temperature, validation NLL and test ECE before and after."""
+    """The report for people: what the temperatures were fitted on, then per head its temperature, the
+    validation NLL and the test ECE before and after."""
     header = f"{'head':<7}{'T':>8}{'val NLL before':>16}{'after':>9}{'test ECE before':>17}{'after':>9}"
-    lines = [header, "-" * len(header)]
+    lines = [
+        f"Temperatures fitted on the {summary['fitted_on']}; ECE on the MNIST test set (fixed pairs):",
+        header,
+        "-" * len(header),
+    ]
     for head, *_ in HEADS:
         s = summary[head]
         lines.append(
@@ -128,11 +133,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     summary |= with_test_results(fitted, before, after)
     write_fitted_checkpoint(ckpt_path, target, module, {"calibration": {"source": str(ckpt_path), **fitted}})
     write_json_atomic(output_dir / "calibration.json", summary)
-    log.info(
-        "Temperatures fitted on the %s; ECE on the MNIST test set (fixed pairs):\n%s",
-        summary["fitted_on"],
-        format_calibration(summary),
-    )
+    log.info("%s", format_calibration(summary))
     log.info("Calibrated checkpoint: %s", target)
     log.info("Run folder: %s", output_dir)
     return summary

@@ -161,11 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in trainer.loggers:
             _log_config(logger, module.hparams["config"], test_scalars)
         if calibration is not None:
-            log.info(
-                "Temperatures fitted on the %s; ECE on the MNIST test set (fixed pairs):\n%s",
-                calibration["fitted_on"],
-                format_calibration(calibration),
-            )
+            log.info("%s", format_calibration(calibration))
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
         try:
             write_json_atomic(output_dir / "metrics.json", results)  # whole or not at all
