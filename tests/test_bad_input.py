@@ -72,6 +72,7 @@ BAD_VALUES = [
     ("seed=4294967296", "seed=4294967296", "a seed must be a whole number"),
     ("data.pair_seed=1.5", "data.pair_seed=1.5", "a seed must be a whole number"),
     ("data.split_seed=null", "data.split_seed=None", "a seed must be a whole number"),
+    ("calibrate=yes", "calibrate='yes'", "it must be true or false"),
 ]
 
 

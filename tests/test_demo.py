@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
 import torch
@@ -24,10 +25,10 @@ from PIL import Image
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.preprocess import read_grayscale, to_mnist_pixels
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.demo import DigitSumDemo
+from mnist_adder.inference.demo import DigitSumDemo, build_app
 from mnist_adder.inference.predict import Failure, Prediction, predict_images
 
-from conftest import require_extra
+from conftest import compose_config, require_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 300  # importing Gradio and torch on a busy 2-core machine
@@ -104,6 +105,67 @@ def _predict_file(
     return replace(result, image=shown_as or path.name)
 
 
+def _elements(node: dict, names: dict[int, str]) -> list[str]:
+    """The names of the components under a layout node, in page order, depth first."""
+    found = [names[node["id"]]] if node["id"] in names else []
+    return found + [name for child in node.get("children", []) for name in _elements(child, names)]
+
+
+def test_the_page_predicts_on_every_change_and_picks_the_number_above_predict():
+    require_extra("gradio", "demo")
+    module = hydra.utils.instantiate(compose_config([]).model).eval()  # untrained: only the page is read
+    page = build_app(module).get_config_file()
+    names = {c["id"]: c["props"]["elem_id"] for c in page["components"] if c["props"].get("elem_id")}
+    answers = [
+        names[i]
+        for i in next(d for d in page["dependencies"] if d["api_name"] == "predict_upload")["outputs"]
+    ]
+    assert answers == ["message", "digit", "sum", "seen"]
+    by_id = {d["id"]: d for d in page["dependencies"]}
+
+    def trigger(dependency: dict) -> tuple[str, str]:
+        # A `.then` step is triggered by the event of the step it follows.
+        if dependency["trigger_after"] is not None:
+            return trigger(by_id[dependency["trigger_after"]])
+        ((target, event),) = dependency["targets"]
+        return names[target], event
+
+    predicting = {trigger(d) for d in page["dependencies"] if [names.get(o) for o in d["outputs"]] == answers}
+    assert predicting == {
+        ("sketch", "input"),  # a stroke (its change event also fires as the empty canvas starts)
+        ("upload", "change"),
+        ("draw-tab", "select"),
+        ("upload-tab", "select"),
+        ("number", "change"),
+        ("predict", "click"),
+    }
+    order = _elements(page["layout"], names)
+    assert order.index("upload") < order.index("number") < order.index("predict") < order.index("message")
+
+
+def test_changes_that_bring_no_image_stay_quiet_and_predict_says_what_is_missing():
+    module = hydra.utils.instantiate(compose_config([]).model).eval()  # untrained: the answers' form only
+    demo = DigitSumDemo(module)
+    untouched = {"composite": np.zeros((64, 64, 4), dtype=np.uint8)}  # a transparent canvas
+    # The number, a tab shown, the page opening: nothing to read yet, so nothing shown and no error.
+    assert demo.refresh("drawing", untouched, None, 3) == ("", None, None, None)
+    assert demo.refresh("upload", untouched, None, 3) == ("", None, None, None)
+    # The Predict button says what is missing, in predict's words.
+    assert demo.from_source("drawing", untouched, None, 3)[0].startswith("error: drawing: no digit found")
+    assert demo.from_source("upload", untouched, None, 3)[0] == demo.from_upload(None, 3)[0]
+    # With a stroke drawn, every trigger gives the stroke's own answer, the 28x28 image enlarged 8 times.
+    stroke = np.zeros((64, 64, 4), dtype=np.uint8)
+    stroke[10:54, 30:35, 3] = 255
+    drawn = {"composite": stroke}
+    message, *_, seen = demo.from_drawing(drawn, 3)
+    assert message.startswith("drawing: number 3 -> digit ") and seen.shape == (224, 224)
+    assert (
+        demo.refresh("drawing", drawn, None, 3)[0]
+        == demo.from_source("drawing", drawn, None, 3)[0]
+        == message
+    )
+
+
 def test_the_page_answers_an_upload_as_predict_does_and_bad_input_with_predicts_words(tiny_run, tmp_path):
     # What the page does with its inputs, without Gradio (tiny_run: a model of a few seconds); the slow
     # tests below ask the real server and a browser.
@@ -164,9 +226,12 @@ def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
         # (Read per head: with n=0 the digit and the sum carry the same label.)
         assert digit["confidences"][0]["confidence"] == pytest.approx(want.digit_prob, abs=1e-6)
         assert total["confidences"][0]["confidence"] == pytest.approx(want.sum_prob, abs=1e-6)
-        # The 28x28 picture shown is what predict's preprocessing made of the file.
+        # The 28x28 picture shown is what predict's preprocessing made of the file, each pixel an 8x8
+        # square (enlarged without smoothing, 224x224).
         shown = np.asarray(Image.open(seen).convert("L"))
-        np.testing.assert_array_equal(shown, to_mnist_pixels(read_grayscale(path)).numpy())
+        pixels = to_mnist_pixels(read_grayscale(path)).numpy()
+        assert shown.shape == (224, 224)
+        np.testing.assert_array_equal(shown, np.kron(pixels, np.ones((8, 8), dtype=np.uint8)))
         agree += (want.digit, want.sum) == (int(tensor_digit), int(tensor_sum))
     # Files are re-centred as users' images are: nearly always what the tensors give (see test_predict).
     assert agree >= 0.9 * len(digit_files)

@@ -18,6 +18,10 @@ METRICS_JSON_KEYS = {
     "test/digit_ece",
     "test/sum_ece",
     "test/sum_coherence_gap",
+    # Calibrated by default (calibrate=true): the test above is the calibrated model's, these the raw one's.
+    *(f"test/{name}_uncalibrated" for name in ("loss", "digit_loss", "sum_loss", "digit_ece", "sum_ece")),
+    "digit_temperature",
+    "sum_temperature",
     "test/digit_acc_per_class",
     "test/sum_acc_per_class",
     "ckpt_path",

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist_adder.config_checks import check_resume
 from mnist_adder.data.batches import TrainBatches
 from mnist_adder.errors import UserError
+from mnist_adder.inference.calibrate import calibrate
 from mnist_adder.training.callbacks import NonFiniteLossError
 from mnist_adder.training.train import train
 
@@ -211,6 +212,34 @@ def test_resuming_with_another_training_config_is_refused(short_run, tmp_path):
     message = str(err.value)
     assert "seed is 3 there, 4 here" in message and "model.net.backbone.channels" in message
     assert "\n" not in message
+
+
+def test_training_on_from_a_calibrated_checkpoint_trains_the_raw_logits_and_recalibrates(short_run, tmp_path):
+    data_dir, _ = short_run
+    # Without weight averaging the loaded state_dict is what trains on: temperatures left in it would
+    # scale the logits the loss sees, and the run would end elsewhere.
+    no_ema = "callbacks.ema=null"
+    uninterrupted = train(compose_config(_short(data_dir, no_ema), tmp_path / "uninterrupted"))
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert _interrupt(data_dir, run, "SIGINT", 2, False, no_ema) == 1
+    calibrated = calibrate(
+        compose_config(
+            [f"ckpt_path={last}", f"paths.data_dir={data_dir}"],
+            tmp_path / "calibrate",
+            config_name="calibrate",
+        )
+    )
+    assert calibrated["digit"]["temperature"] != 1.0 and calibrated["sum"]["temperature"] != 1.0
+
+    resumed = train(
+        compose_config(
+            _short(data_dir, no_ema, f"ckpt_path={calibrated['calibrated_ckpt_path']}"), tmp_path / "session"
+        )
+    )
+    assert _final(resumed) == _final(uninterrupted)
+    # ... and it fitted its own temperatures at its end, as the uninterrupted run did.
+    for key in ("digit_temperature", "sum_temperature"):
+        assert resumed[key] == uninterrupted[key] != 1.0, key
 
 
 class SignalAt(pl.Callback):

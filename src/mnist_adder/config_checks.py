@@ -208,9 +208,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         and not (_is_int(max_epochs) and max_epochs >= 1)
     ):
         problems.append(_bad("trainer.max_epochs", max_epochs, "it must be a whole number of at least 1"))
-    robustness = get("robustness")
-    if robustness is not _MISSING and not isinstance(robustness, bool):
-        problems.append(_bad("robustness", robustness, "it must be true or false"))
+    for key in ("robustness", "calibrate"):
+        value = get(key)
+        if value is not _MISSING and not isinstance(value, bool):
+            problems.append(_bad(key, value, "it must be true or false"))
     robustness_seed = get("robustness_seed")
     if robustness_seed is not _MISSING and not _is_int(robustness_seed):
         problems.append(_bad("robustness_seed", robustness_seed, "it must be a whole number"))
@@ -319,15 +320,6 @@ def check_resume(cfg: DictConfig) -> None:
         raise UserError(
             f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({type(err).__name__}: {err})."
         ) from err
-    if isinstance(checkpoint, dict) and "calibration" in checkpoint:
-        # Training on with temperatures would scale the logits the loss sees; they are fitted after training.
-        calibration = checkpoint["calibration"]
-        source = calibration.get("source") if isinstance(calibration, dict) else None
-        original = f" ({source})" if source else ""
-        raise UserError(
-            f"ckpt_path={ckpt_path} is a calibrated checkpoint (written by scripts/calibrate.py), which "
-            f"cannot be trained on: resume from the checkpoint it was made from{original}."
-        )
     saved = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
     problems = resume_problems(cfg, saved) if saved else []
     if problems:

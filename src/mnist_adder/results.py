@@ -21,10 +21,19 @@ TABLE_METRICS = (
     "digit_ece",
     "sum_ece",
     "sum_coherence_gap",
+    "digit_ece_uncalibrated",
+    "sum_ece_uncalibrated",
 )
-# Shown as they are, not in percent: a loss, and calibration errors and the coherence gap (gaps between
+# Shown as they are, not in percent: a loss, calibration errors and the coherence gap (gaps between
 # probabilities, not accuracies).
-PLAIN_METRICS = ("loss", "digit_ece", "sum_ece", "sum_coherence_gap")
+PLAIN_METRICS = (
+    "loss",
+    "digit_ece",
+    "sum_ece",
+    "sum_coherence_gap",
+    "digit_ece_uncalibrated",
+    "sum_ece_uncalibrated",
+)
 
 
 @contextmanager
@@ -64,7 +73,7 @@ def format_results(metrics: dict[str, Any], stage: str = "test") -> str:
         rows.append(("parameters", f"{metrics['num_parameters']:,}"))
     if metrics.get("fit_seconds") is not None:
         rows.append(("fit seconds", f"{metrics['fit_seconds']:.1f}"))
-    lines = [f"{'metric':<26}{'value':>10}", "-" * 36, *(f"{k:<26}{v:>10}" for k, v in rows)]
+    lines = [f"{'metric':<30}{'value':>10}", "-" * 40, *(f"{k:<30}{v:>10}" for k, v in rows)]
     if metrics.get("ckpt_path"):
         lines.append(f"checkpoint: {metrics['ckpt_path']}")
     return "\n".join(lines)

@@ -87,8 +87,9 @@ def collect_logits(net: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, 
     parts: dict[str, list[torch.Tensor]] = {
         name: [] for name in ("digit_logits", "sum_logits", "label", "sum_label")
     }
+    device = next(net.parameters()).device  # the batches may live elsewhere (data.on_device)
     for image, number_onehot, label, sum_onehot in batches:
-        digit_logits, sum_logits = net(image, number_onehot)
+        digit_logits, sum_logits = net(image.to(device), number_onehot.to(device))
         parts["digit_logits"].append(digit_logits.float().cpu())
         parts["sum_logits"].append(sum_logits.float().cpu())
         parts["label"].append(label.cpu())

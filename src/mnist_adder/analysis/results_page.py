@@ -112,7 +112,8 @@ def _attachments(jobs: Sequence[Job], train_dirs: Sequence[Path]) -> tuple[dict[
             if not str(report.get("ckpt_path", "")).endswith(".calibrated.ckpt"):
                 found.append(("robustness", report))
         calibration_file = job.path / "calibration.json"
-        if task == "calibrate" and calibration_file.is_file():
+        # A training run calibrated by default (calibrate=true) writes one too, about its own checkpoint.
+        if task in ("calibrate", "train") and calibration_file.is_file():
             found.append(("calibration", json.loads(calibration_file.read_text())))
         for key, report in found:
             owner = _owner(report.get("ckpt_path"), train_dirs)

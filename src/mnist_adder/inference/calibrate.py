@@ -1,9 +1,12 @@
-"""Temperature scaling of a checkpoint, behind scripts/calibrate.py.
+"""Temperature scaling: fitting both heads' temperatures on the validation split, behind training and
+scripts/calibrate.py.
 
 One temperature per head is fitted on the validation split (never the test set) by minimising the
-negative log-likelihood, and written with the weights into `<name>.calibrated.ckpt` beside the checkpoint
+negative log-likelihood (`fit_temperatures`, the one fitting step). Training runs it at its end and stores
+the temperatures in the checkpoint it hands over (training/post_training.py, `calibrate: true`);
+scripts/calibrate.py runs it on a checkpoint made without it and writes `<name>.calibrated.ckpt` beside it
 (the user's file is never touched). The net divides its output logits by them (`DigitSumNet`), so eval,
-predict, the demo and the ONNX/TorchScript export of the calibrated file give calibrated probabilities
+predict, the demo and the ONNX/TorchScript export of a calibrated checkpoint give calibrated probabilities
 with no code of their own; argmax predictions and the sum stay exactly as they were.
 """
 
@@ -12,30 +15,96 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
+import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
 from mnist_adder.errors import UserError
-from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint, write_fitted_checkpoint
 from mnist_adder.inference.evaluate import evaluation_trainer, run_datamodule
-from mnist_adder.models.digit_sum import TEMPERATURES
-from mnist_adder.results import atomic_path, write_json_atomic
+from mnist_adder.results import write_json_atomic
+from mnist_adder.training.module import DigitSumModule
 
 log = logging.getLogger(__name__)
 HEADS = (("digit", "digit_logits", "label"), ("sum", "sum_logits", "sum_label"))
+# The test metrics a temperature can change (probabilities, so the NLL losses and the ECEs); every other
+# test metric counts argmax predictions, which dividing logits by a positive number keeps.
+CHANGED_BY_TEMPERATURE = ("loss", "digit_loss", "sum_loss", "digit_ece", "sum_ece")
 
 
 def calibrated_path(ckpt_path: str | Path) -> Path:
-    """Where the calibrated copy of a checkpoint goes: `<name>.calibrated.ckpt` beside it."""
+    """Where scripts/calibrate.py puts the calibrated copy of a checkpoint: `<name>.calibrated.ckpt`."""
     ckpt_path = Path(ckpt_path)
     return ckpt_path.with_name(f"{ckpt_path.stem}.calibrated.ckpt")
 
 
+def fit_temperatures(module: DigitSumModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """Fit each head's temperature on `datamodule`'s validation split and set both in `module`'s net.
+
+    Returns, per head, the temperature and the validation NLL before and after, and under "fitted_on"
+    the split it was fitted on. The logits are the net's at temperature 1 (a net that was calibrated
+    before is refitted, not scaled twice), in eval mode. `datamodule` must not be attached to a trainer:
+    alone it gives the whole validation split (one process of several would get only its share).
+    """
+    net = module.net
+    was_training = net.training
+    net.eval()  # no dropout: the logits the model gives when used
+    net.set_temperatures(1.0, 1.0)
+    datamodule.setup("fit")
+    val = collect_logits(net, datamodule.val_dataloader())
+    net.train(was_training)
+    fitted: dict[str, Any] = {}
+    for head, logits, labels in HEADS:
+        temperature = fit_temperature(val[logits], val[labels])
+        fitted[head] = {
+            "temperature": temperature,
+            "val_nll_before": nll(val[logits], val[labels]),
+            "val_nll_after": nll(val[logits], val[labels], temperature),
+        }
+    net.set_temperatures(fitted["digit"]["temperature"], fitted["sum"]["temperature"])
+    split_seed = getattr(datamodule, "split_seed", None)
+    fitted["fitted_on"] = f"validation split ({len(val['label'])} images, data.split_seed={split_seed})"
+    return fitted
+
+
+def with_test_results(
+    fitted: dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    reliability: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`fitted` (from `fit_temperatures`) with each head's test ECE before and after calibration, from the
+    test metrics of the model at temperature 1 (`before`) and at the fitted ones (`after`), and, given
+    the module's `calibration_results` after each test (`reliability`), the reliability bins before and
+    after. Warns if a test metric that temperature scaling cannot change did change."""
+    for key, value in before.items():
+        # Dividing logits by a positive number keeps every argmax: the accuracies must not move.
+        # (Two logits that round to the same value after the division could tie; say so if it ever happens.)
+        name = key.removeprefix("test/")
+        if name not in CHANGED_BY_TEMPERATURE and key in after and after[key] != value:
+            log.warning("calibration changed %s: %s -> %s (rounding ties)", key, value, after[key])
+    summary = dict(fitted)
+    for head, *_ in HEADS:
+        summary[head] = fitted[head] | {
+            "test_ece_before": float(before[f"test/{head}_ece"]),
+            "test_ece_after": float(after[f"test/{head}_ece"]),
+        }
+        if reliability is not None:
+            bins_before, bins_after = reliability
+            summary[head]["test_reliability_before"] = bins_before[f"test/{head}_reliability"]
+            summary[head]["test_reliability_after"] = bins_after[f"test/{head}_reliability"]
+    return summary
+
+
 def format_calibration(summary: dict[str, Any]) -> str:
-    """The table for people: per head, its temperature, validation NLL and test ECE before and after."""
+    """The report for people: what the temperatures were fitted on, then per head its temperature, the
+    validation NLL and the test ECE before and after."""
     header = f"{'head':<7}{'T':>8}{'val NLL before':>16}{'after':>9}{'test ECE before':>17}{'after':>9}"
-    lines = [header, "-" * len(header)]
+    lines = [
+        f"Temperatures fitted on the {summary['fitted_on']}; ECE on the MNIST test set (fixed pairs):",
+        header,
+        "-" * len(header),
+    ]
     for head, *_ in HEADS:
         s = summary[head]
         lines.append(
@@ -61,54 +130,20 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(
             f"cannot write {target}: its folder is not writable. Copy the checkpoint somewhere you can write."
         )
-    net = module.net
-    net.set_temperatures(1.0, 1.0)  # fitted from the raw logits, also when given a calibrated checkpoint
 
     datamodule = run_datamodule(run_config, cfg)
-    datamodule.setup("fit")
-    val = collect_logits(net, datamodule.val_dataloader())
-    temperatures = {head: fit_temperature(val[logits], val[labels]) for head, logits, labels in HEADS}
-
     trainer = evaluation_trainer(run_config.trainer, cfg, output_dir)
+    module.net.set_temperatures(1.0, 1.0)  # the raw model, also when given a calibrated checkpoint
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     bins_before = dict(module.calibration_results)  # the reliability diagrams' bins, for the results page
-    net.set_temperatures(temperatures["digit"], temperatures["sum"])
+    fitted = fit_temperatures(module, datamodule)
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    bins_after = dict(module.calibration_results)
-    for key in ("test/digit_acc", "test/sum_acc"):
-        # Dividing logits by a positive number keeps every argmax: the accuracies must not move.
-        # (Two logits that round to the same value after the division could tie; say so if it ever happens.)
-        if before[key] != after[key]:
-            log.warning("calibration changed %s: %s -> %s (rounding ties)", key, before[key], after[key])
 
-    summary: dict[str, Any] = {"ckpt_path": str(ckpt_path), "calibrated_ckpt_path": str(target)}
-    for head, logits, labels in HEADS:
-        summary[head] = {
-            "temperature": temperatures[head],
-            "val_nll_before": nll(val[logits], val[labels]),
-            "val_nll_after": nll(val[logits], val[labels], temperatures[head]),
-            "test_ece_before": float(before[f"test/{head}_ece"]),
-            "test_ece_after": float(after[f"test/{head}_ece"]),
-            "test_reliability_before": bins_before[f"test/{head}_reliability"],
-            "test_reliability_after": bins_after[f"test/{head}_reliability"],
-        }
-    summary["fitted_on"] = (
-        f"validation split ({len(val['label'])} images, data.split_seed={run_config.data.split_seed})"
-    )
-
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = module.state_dict()
-    for name in TEMPERATURES:
-        checkpoint["state_dict"][f"net.{name}"] = state[f"net.{name}"].clone()
-    checkpoint["calibration"] = {"source": str(ckpt_path), **{head: summary[head] for head, *_ in HEADS}}
-    with atomic_path(target) as tmp:  # whole or not at all, as the training checkpoints
-        torch.save(checkpoint, tmp)
+    summary = {"ckpt_path": str(ckpt_path), "calibrated_ckpt_path": str(target)}
+    summary |= with_test_results(fitted, before, after, (bins_before, dict(module.calibration_results)))
+    write_fitted_checkpoint(ckpt_path, target, module, {"calibration": {"source": str(ckpt_path), **fitted}})
     write_json_atomic(output_dir / "calibration.json", summary)
-    log.info(
-        "Temperatures fitted on the %s; ECE on the MNIST test set (fixed pairs):\n%s",
-        summary["fitted_on"],
-        format_calibration(summary),
-    )
+    log.info("%s", format_calibration(summary))
     log.info("Calibrated checkpoint: %s", target)
     log.info("Run folder: %s", output_dir)
     return summary

@@ -1,7 +1,8 @@
 """Loading a training checkpoint alone: its stored run config rebuilds the model, then the weights go in.
 
 Every tool that uses a trained model (eval, predict, export) loads it here, so they all accept and refuse
-the same files with the same messages.
+the same files with the same messages. What is fitted after training (the temperatures) is written into
+a checkpoint here too (`write_fitted_checkpoint`), by training and by scripts/calibrate.py alike.
 """
 
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.errors import UserError
+from mnist_adder.results import atomic_path
 from mnist_adder.training.module import DigitSumModule
 
 HOW_TO_GET_ONE = (
@@ -73,3 +75,31 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
             f"the weights in {path} do not fit the model its config describes: {str(err).splitlines()[0]}"
         ) from err
     return module.eval(), config
+
+
+def write_fitted_checkpoint(
+    source: str | Path, target: str | Path, module: DigitSumModule, records: dict[str, Any]
+) -> Path:
+    """Write the checkpoint `source` to `target` (which may be `source` itself) with the weights and
+    buffers of `module` and each of `records` as a top-level entry (e.g. {"calibration": {...}}).
+
+    `module` holds the weights read from `source` plus what was fitted on them after training (the
+    temperatures are buffers of the net), so the file then holds exactly the model that is tested and
+    handed over. The rest (run config, the raw weights and optimizer and callback states for resuming)
+    stays as it was. Written atomically, as the training checkpoints: a reader, or a run killed meanwhile,
+    sees the old file or the whole new one.
+    """
+    checkpoint = _read(Path(source))
+    checkpoint["state_dict"] = {
+        name: value.detach().cpu().clone() for name, value in module.state_dict().items()
+    }
+    checkpoint |= records
+    try:
+        with atomic_path(target) as tmp:
+            torch.save(checkpoint, tmp)
+    except OSError as err:
+        raise UserError(
+            f"could not write {target}: {err.strerror or err}; it was left as it was (no partial file). "
+            "Free disk space or make the folder writable."
+        ) from err
+    return Path(target)

@@ -1,7 +1,9 @@
 """A live demo of a trained model in the browser (Gradio), behind scripts/demo.py.
 
 Draw a digit or upload an image, choose the number n, and see the digit and the sum with their
-probabilities, and the 28x28 image the model saw. It is `predict` with a page in front: the same
+probabilities, and the 28x28 image the model saw (enlarged, each pixel a square). The page predicts as
+soon as the drawing, the uploaded file, the tab or the number changes. It is `predict` with a page in
+front: the same
 checkpoint loader, the same preprocessing and the same probabilities, so the page and
 `scripts/predict.py` answer alike for the same image. A bad input (a blank drawing, a file that is not
 an image) shows predict's error text in the message box, and the app keeps serving.
@@ -26,8 +28,13 @@ log = logging.getLogger(__name__)
 USAGE = "python scripts/demo.py ckpt_path=<file.ckpt> [port=7860] [share=false]"
 # How many classes each bar chart shows, most probable first.
 TOP_CLASSES = 5
-# What the page returns for each output: (message, digit bars, sum bars, 28x28 pixels).
+# What the page returns for each output: (message, digit bars, sum bars, the 28x28 pixels enlarged).
 Answer = tuple[str, dict[str, float] | None, dict[str, float] | None, np.ndarray | None]
+# Each of the 28x28 pixels the model saw is shown as a square of SEEN_SCALE x SEEN_SCALE screen pixels
+# (224 x 224), enlarged here by repetition: a browser asked to enlarge a 28x28 image smooths it into a blur.
+SEEN_SCALE = 8
+# Which input the page reads: the tab shown ("drawing" or "upload").
+SOURCES = ("drawing", "upload")
 
 
 # An untouched sketchpad may arrive as nothing at all: it is read as the blank white page it shows.
@@ -50,7 +57,7 @@ class DigitSumDemo:
             prediction.as_text(),
             {str(c): float(p) for c, p in zip(range(NUM_DIGITS), digit_probs[0], strict=True)},
             {str(c): float(p) for c, p in zip(range(NUM_SUMS), sum_probs[0], strict=True)},
-            pixels.numpy(),
+            enlarge(pixels.numpy()),
         )
 
     def from_upload(self, path: str | None, number: Any) -> Answer:
@@ -72,6 +79,28 @@ class DigitSumDemo:
         except UserError as err:
             return _failed(f"drawing: {err}")
 
+    def from_source(self, source: str, drawing: Any, path: str | None, number: Any) -> Answer:
+        """The input of the tab shown (`source`: "drawing" or "upload"): the Predict button."""
+        return self.from_upload(path, number) if source == "upload" else self.from_drawing(drawing, number)
+
+    def refresh(self, source: str, drawing: Any, path: str | None, number: Any) -> Answer:
+        """`from_source` for what changes no image (the number, a tab shown, the page opening): while the
+        tab shown holds no image yet the outputs are cleared, with no error for what was not done."""
+        if (source == "upload" and not path) or (source == "drawing" and _untouched(drawing)):
+            return "", None, None, None
+        return self.from_source(source, drawing, path, number)
+
+
+def _untouched(drawing: Any) -> bool:
+    # An untouched sketchpad sends nothing or a canvas of one colour.
+    composite = drawing.get("composite") if isinstance(drawing, dict) else drawing
+    return composite is None or np.ptp(np.asarray(composite)) == 0
+
+
+def enlarge(pixels: np.ndarray, scale: int = SEEN_SCALE) -> np.ndarray:
+    """Pixels [H, W] as [H * scale, W * scale], each pixel a scale x scale square (nearest neighbour)."""
+    return np.asarray(pixels).repeat(scale, axis=0).repeat(scale, axis=1)
+
 
 def _failed(message: str) -> Answer:
     # The same words as predict's `error: <image>: <what went wrong>` line; the outputs are cleared.
@@ -92,18 +121,19 @@ def build_app(module: torch.nn.Module) -> Any:
     demo = DigitSumDemo(module)
     with gr.Blocks(title="mnist-adder", analytics_enabled=False) as app:
         gr.Markdown(
-            "# mnist-adder\nDraw a digit or upload an image of one, choose a number n, and the model "
-            "reads the digit and adds n to it."
+            "# mnist-adder\nDraw a digit or upload an image of one and choose a number n: the model "
+            "reads the digit and adds n to it, again at every change."
         )
         with gr.Row():
             with gr.Column():
-                with gr.Tab("Draw"):
+                with gr.Tab("Draw", elem_id="draw-tab") as draw_tab:
                     sketch = gr.Sketchpad(label="digit", type="numpy", image_mode="RGBA", elem_id="sketch")
-                    draw_button = gr.Button("Predict", variant="primary", elem_id="predict-drawing")
-                with gr.Tab("Upload", elem_id="upload-tab"):
+                with gr.Tab("Upload", elem_id="upload-tab") as upload_tab:
                     upload = gr.File(label="image file", type="filepath", elem_id="upload")
-                    upload_button = gr.Button("Predict", variant="primary", elem_id="predict-upload")
                 number = gr.Radio(list(range(NUM_DIGITS)), value=3, label="number n", elem_id="number")
+                # Every change predicts already; the button asks again on purpose, and it is what says
+                # what is missing (a blank drawing, no file) where the automatic updates stay quiet.
+                predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
             with gr.Column():
                 message = gr.Textbox(label="prediction", interactive=False, elem_id="message")
                 with gr.Row():
@@ -113,13 +143,26 @@ def build_app(module: torch.nn.Module) -> Any:
                     label="what the model saw (28x28, after preprocessing)",
                     image_mode="L",
                     format="png",
-                    height=168,
+                    # Room for the label above the image: it is shown at its own size (Gradio only
+                    # ever shrinks an image to fit), each pixel sharp.
+                    height=28 * SEEN_SCALE + 64,
                     interactive=False,
                     elem_id="seen",
                 )
+        source = gr.State(SOURCES[0])
         outputs = [message, digit, total, seen]
-        draw_button.click(demo.from_drawing, [sketch, number], outputs, api_name="predict_drawing")
-        upload_button.click(demo.from_upload, [upload, number], outputs, api_name="predict_upload")
+        # The named endpoints (gradio_client: api_name="/predict_drawing", "/predict_upload") are the
+        # image changes: a stroke (`input`: the canvas's own start is no change by the user) and a file.
+        # The rest predict the tab shown and are no API of their own; a tab is selected as the page opens.
+        sketch.input(demo.from_drawing, [sketch, number], outputs, api_name="predict_drawing")
+        upload.change(demo.from_upload, [upload, number], outputs, api_name="predict_upload")
+        inputs = [source, sketch, upload, number]
+        for tab, name in ((draw_tab, "drawing"), (upload_tab, "upload")):
+            tab.select(lambda name=name: name, None, source, api_visibility="private").then(
+                demo.refresh, inputs, outputs, api_visibility="private"
+            )
+        number.change(demo.refresh, inputs, outputs, api_visibility="private")
+        predict_button.click(demo.from_source, inputs, outputs, api_visibility="private")
     return app
 
 

@@ -7,13 +7,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_adder.analysis.calibration import calibration_error, reliability_bins
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.heldout import heldout_sums
-from mnist_adder.models.digit_sum import DigitSumNet
+from mnist_adder.models.digit_sum import TEMPERATURES, DigitSumNet
 from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy, SumCoherenceGap
 
 STAGES = ("train", "val", "test")
@@ -222,6 +223,18 @@ class DigitSumModule(pl.LightningModule):
         self._log_synced({"test/sum_coherence_gap": self.sum_coherence.compute()})
         self.sum_coherence.reset()
         self._end_calibration_epoch("test")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The temperatures are fitted after training (inference/calibrate.py): a run that trains on from a
+        # calibrated checkpoint trains the raw logits, as the run that wrote it did, and fits them again at
+        # its end. Called before the weights (and weight averaging's copies of them) are loaded.
+        if self._trainer is None or self._trainer.state.fn != TrainerFn.FITTING:
+            return
+        for key in ("state_dict", "current_model_state"):
+            weights = checkpoint.get(key)
+            for name in TEMPERATURES:
+                if isinstance(weights, dict) and f"net.{name}" in weights:
+                    weights[f"net.{name}"] = torch.ones_like(weights[f"net.{name}"])
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

@@ -1,4 +1,5 @@
-"""The training pipeline behind scripts/train.py: fit, select on validation, test the best checkpoint."""
+"""The training pipeline behind scripts/train.py: fit, select on validation, fit the temperatures on the
+selected weights (training/post_training.py), test the checkpoint handed over."""
 
 import inspect
 import logging
@@ -16,9 +17,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from mnist_adder.cli import _in_multirun, build
 from mnist_adder.config_checks import check_config, check_resume
 from mnist_adder.errors import UserError
+from mnist_adder.inference.calibrate import CHANGED_BY_TEMPERATURE, format_calibration, with_test_results
 from mnist_adder.results import format_results, write_json_atomic
 from mnist_adder.training.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
 from mnist_adder.training.config_tree import print_config_tree
+from mnist_adder.training.module import DigitSumModule
+from mnist_adder.training.post_training import fit_post_training, load_weights, store_post_training
 from mnist_adder.training.run_dir import claim_output_dir
 from mnist_adder.training.scaleout import check_process_launch, lost_peers_stop_clearly
 
@@ -51,6 +55,22 @@ def _log_config(logger: Logger, config: dict[str, Any], test_metrics: dict[str, 
         logger.log_hyperparams(config, metrics=test_metrics)
     else:
         logger.log_hyperparams(config)
+
+
+def _uncalibrated_test(
+    trainer: pl.Trainer, module: DigitSumModule, datamodule: pl.LightningDataModule
+) -> dict[str, float]:
+    """The test metrics of the weights in `module` at temperature 1, for metrics.json's `*_uncalibrated`
+    keys; the fitted temperatures are set back after. The loggers get only the test of the model handed
+    over, so this one is kept from them."""
+    temperatures = module.net.temperatures()
+    module.net.set_temperatures(1.0, 1.0)
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        return trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    finally:
+        trainer.loggers = loggers
+        module.net.set_temperatures(*temperatures)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -101,14 +121,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # restores the checkpoint, so it sits the test out. Without a checkpoint, on_train_end has already
     # copied the average into the module.
     trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, WeightAveraging)]
-    # fast_dev_run writes no checkpoint: test the weights in memory then.
+    # fast_dev_run writes no checkpoint: the weights in memory are fitted, tested and not stored then.
+    if best_path:
+        load_weights(module, best_path)
+    fitted = fit_post_training(module, build(cfg.data, "data"), cfg)
+    uncalibrated, bins_uncalibrated = None, None
+    if "calibration" in fitted:
+        with lost_peers_stop_clearly(trainer, "testing"):
+            uncalibrated = _uncalibrated_test(trainer, module, datamodule)
+        bins_uncalibrated = dict(module.calibration_results)
+    ckpt_path = best_path
+    if best_path and fitted:
+        ckpt_path = store_post_training(trainer, best_path, output_dir, module, fitted)
+    # The test of the checkpoint handed over, read back from its file.
     with lost_peers_stop_clearly(trainer, "testing"):
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path or None, verbose=False)
     test_metrics = tested[0]
 
     results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
+    digit_temperature, sum_temperature = module.net.temperatures()
+    results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
+    calibration = None
+    if uncalibrated is not None:
+        calibration = {"ckpt_path": ckpt_path or None} | with_test_results(
+            fitted["calibration"], uncalibrated, test_metrics, (bins_uncalibrated, module.calibration_results)
+        )
+        results |= {
+            f"test/{name}_uncalibrated": float(uncalibrated[f"test/{name}"])
+            for name in CHANGED_BY_TEMPERATURE
+            if f"test/{name}" in uncalibrated
+        }
     results |= {
-        "ckpt_path": best_path or None,
+        "ckpt_path": ckpt_path or None,
         "best_val/both_acc": float(checkpoint.best_model_score)
         if checkpoint is not None and checkpoint.best_model_score is not None
         else None,
@@ -125,6 +169,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test_scalars = {k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, float)}
         for logger in trainer.loggers:
             _log_config(logger, module.hparams["config"], test_scalars)
+        if calibration is not None:
+            log.info("%s", format_calibration(calibration))
+            # The same summary scripts/calibrate.py writes: the results page draws its reliability diagrams.
+            write_json_atomic(output_dir / "calibration.json", calibration)
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
         try:
             write_json_atomic(output_dir / "metrics.json", results)  # whole or not at all
