@@ -32,18 +32,27 @@ COLUMNS: tuple[Column, ...] = (
     ("test/sum_acc_unseen_sums", "sum unseen sums %", True),
     # Mean |P(sum = s) - P(digit = s - n)| at the predicted sum, in percentage points.
     ("test/sum_coherence_gap", "coherence gap %", True),
+    # Expected calibration error of the model handed over, and of the raw one (calibrate=true keeps both).
+    ("test/digit_ece", "digit ECE %", True),
+    ("test/sum_ece", "sum ECE %", True),
+    ("test/digit_ece_uncalibrated", "digit ECE raw %", True),
+    ("test/sum_ece_uncalibrated", "sum ECE raw %", True),
     ("num_parameters", "parameters", False),
     ("fit_seconds", "fit s", False),
 )
-# Only runs with data.heldout_pairs (unseen sums: that hold out every pair of a sum) have the first three,
-# and runs from before the coherence metric lack the last: each is shown when some job has it, never as a
-# column of "-".
+# Only runs with data.heldout_pairs (unseen sums: that hold out every pair of a sum) have the first three;
+# runs from before the coherence metric, the ECE or calibration by default lack the others. Each is shown
+# when some job has it, never as a column of "-".
 OPTIONAL_KEYS = frozenset(
     {
         "test/sum_acc_seen_pairs",
         "test/sum_acc_unseen_pairs",
         "test/sum_acc_unseen_sums",
         "test/sum_coherence_gap",
+        "test/digit_ece",
+        "test/sum_ece",
+        "test/digit_ece_uncalibrated",
+        "test/sum_ece_uncalibrated",
     }
 )
 SEED_KEY = "seed"

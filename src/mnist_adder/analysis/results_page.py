@@ -112,8 +112,7 @@ def _attachments(jobs: Sequence[Job], train_dirs: Sequence[Path]) -> tuple[dict[
             if not str(report.get("ckpt_path", "")).endswith(".calibrated.ckpt"):
                 found.append(("robustness", report))
         calibration_file = job.path / "calibration.json"
-        # A training run calibrated by default (calibrate=true) writes one too, about its own checkpoint.
-        if task in ("calibrate", "train") and calibration_file.is_file():
+        if task == "calibrate" and calibration_file.is_file():
             found.append(("calibration", json.loads(calibration_file.read_text())))
         for key, report in found:
             owner = _owner(report.get("ckpt_path"), train_dirs)
@@ -155,6 +154,11 @@ def collect_runs(
             "metrics": _portable(job.metrics, job.path) if job.metrics is not None else None,
             "curves": epoch_curves(event_dir, CURVE_TAGS) if event_dir.is_dir() else {},
         }
+        # A run calibrated by default (calibrate=true) wrote the calibration of its own checkpoint; a
+        # calibrate run given beside it (attached below) is newer and wins.
+        own_calibration = job.path / "calibration.json"
+        if own_calibration.is_file():
+            run["calibration"] = _portable(json.loads(own_calibration.read_text()), job.path)
         run |= attached.get(job.path, {})
         runs.append(run)
     out = _display(out_dir)
@@ -191,7 +195,7 @@ def learning_curves_figure(groups: Sequence[Group], runs: dict[str, dict[str, An
     panels += (("val/loss", "loss (validation solid, training dashed)"),)
     if not any(runs[str(j.path)]["curves"] for g in groups for j in g.completed):
         return None
-    figure = Figure(figsize=(13, 4), layout="constrained")
+    figure = Figure(figsize=(13, 4 + _legend_height(len(groups))), layout="constrained")
     axes = figure.subplots(1, 3)
     for k, group in enumerate(groups):
         for ax, (tag, title) in zip(axes, panels, strict=True):
@@ -207,8 +211,19 @@ def learning_curves_figure(groups: Sequence[Group], runs: dict[str, dict[str, An
                     ax.fill_between(epochs, scale * low, scale * high, color=_color(k), alpha=0.15)
             ax.set(title=title, xlabel="epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].legend(fontsize=7, loc="lower right")
+    _legend_below(figure, axes[0])
     return figure
+
+
+def _legend_height(entries: int) -> float:
+    """Inches the legend below a figure takes: two columns of entries."""
+    return 0.17 * ((entries + 1) // 2) + 0.2
+
+
+def _legend_below(figure: Figure, ax: Any) -> None:
+    # Below the panels, not on one of them: with many configurations a legend inside hides the curves.
+    handles, labels = ax.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7, frameon=False)
 
 
 def _mean_curve(runs: Sequence[dict[str, Any]], tag: str) -> tuple[list[int], Any, Any, Any]:
@@ -226,7 +241,7 @@ def speed_figure(groups: Sequence[Group]) -> Figure | None:
     points = [(k, g, j) for k, g in enumerate(groups) for j in g.completed if j.metrics.get("fit_seconds")]
     if not points:
         return None
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    figure = Figure(figsize=(11, 4.5 + _legend_height(len(groups))), layout="constrained")
     axes = figure.subplots(1, 2, sharex=True)
     for ax, head in zip(axes, HEADS, strict=True):
         for k, group in enumerate(groups):
@@ -244,7 +259,7 @@ def speed_figure(groups: Sequence[Group]) -> Figure | None:
         ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_title(f"{head} head: accuracy against training time", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    _legend_below(figure, axes[0])
     return figure
 
 
