@@ -178,7 +178,8 @@ def test_the_page_answers_an_upload_as_predict_does_and_bad_input_with_predicts_
     assert isinstance(want, Prediction) and message == want.as_text()
     assert max(digit, key=digit.get) == str(want.digit) and max(total, key=total.get) == str(want.sum)
     assert digit[str(want.digit)] == pytest.approx(want.digit_prob, abs=1e-6)
-    np.testing.assert_array_equal(seen, to_mnist_pixels(read_grayscale(path)).numpy())
+    pixels = to_mnist_pixels(read_grayscale(path)).numpy()  # shown enlarged, each pixel an 8x8 square
+    np.testing.assert_array_equal(seen, np.kron(pixels, np.ones((8, 8), dtype=np.uint8)))
 
     (tmp_path / "notes.txt").write_text("not a picture\n")
     failure = _predict_file(ckpt_path, tmp_path / "notes.txt", 4)

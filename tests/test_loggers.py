@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -132,5 +133,12 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path, tiny_mnist, mo
     # On disk, as wandb documents an offline run: wandb/offline-run-<time>-<id>/run-<id>.wandb, which
     # `wandb sync` uploads; it holds the logged keys.
     (folder,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
-    records = (folder / f"run-{run_id}.wandb").read_bytes()
+    # wandb's service process writes the file after finish() returns: wait for it as `wandb sync` would
+    # (on a loaded machine CI saw only the file's header at first).
+    deadline = time.monotonic() + 60
+    while True:
+        records = (folder / f"run-{run_id}.wandb").read_bytes()
+        if b"test/both_acc" in records or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert b"test/both_acc" in records and b"mnist_adder.models.DigitSumNet" in records

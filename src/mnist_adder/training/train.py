@@ -171,15 +171,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _log_config(logger, module.hparams["config"], test_scalars)
         if calibration is not None:
             log.info("%s", format_calibration(calibration))
-            # The same summary scripts/calibrate.py writes: the results page draws its reliability diagrams.
-            write_json_atomic(output_dir / "calibration.json", calibration)
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
-        try:
-            write_json_atomic(output_dir / "metrics.json", results)  # whole or not at all
-        except OSError as err:
-            raise UserError(
-                f"could not write {output_dir / 'metrics.json'}: {err.strerror or err}; no partial file "
-                "was left (the results are in the log above). Free disk space or make the folder writable."
-            ) from err
+        # The results, then the calibration summary scripts/calibrate.py also writes (the results page
+        # draws its reliability diagrams from it); each whole or not at all.
+        outputs = {"metrics.json": results, "calibration.json": calibration}
+        for name, content in ((n, c) for n, c in outputs.items() if c is not None):
+            try:
+                write_json_atomic(output_dir / name, content)
+            except OSError as err:
+                raise UserError(
+                    f"could not write {output_dir / name}: {err.strerror or err}; no partial file was "
+                    "left (the results are in the log above). Free disk space or make the folder writable."
+                ) from err
         log.info("Run folder: %s", output_dir)
     return results
