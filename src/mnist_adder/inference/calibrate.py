@@ -5,6 +5,9 @@ negative log-likelihood, and written with the weights into `<name>.calibrated.ck
 (the user's file is never touched). The net divides its output logits by them (`DigitSumNet`), so eval,
 predict, the demo and the ONNX/TorchScript export of the calibrated file give calibrated probabilities
 with no code of their own; argmax predictions and the sum stay exactly as they were.
+
+The "not a digit" detector is fitted in the same step and written into the same file (its statistics on
+the training split, its threshold on the validation split: `mnist_adder.analysis.not_digit`).
 """
 
 import logging
@@ -16,10 +19,13 @@ import torch
 from omegaconf import DictConfig
 
 from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
+from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
+from mnist_adder.config_checks import check_config
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.inference.evaluate import evaluation_trainer, run_datamodule
 from mnist_adder.models.digit_sum import TEMPERATURES
+from mnist_adder.models.not_digit import DETECTOR_BUFFERS
 from mnist_adder.results import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -46,8 +52,10 @@ def format_calibration(summary: dict[str, Any]) -> str:
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the temperatures of `cfg.ckpt_path` on validation, write the calibrated checkpoint, and return
-    (and write to `<output_dir>/calibration.json`) the temperatures and the NLL and ECE before and after."""
+    """Fit the temperatures of `cfg.ckpt_path` on validation (and the not-a-digit detector), write the
+    calibrated checkpoint, and return (and write to `<output_dir>/calibration.json`) the temperatures and
+    the NLL and ECE before and after, and what the detector was fitted on."""
+    check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise UserError(
             f"no checkpoint given: python scripts/calibrate.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
@@ -90,12 +98,20 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     summary["fitted_on"] = (
         f"validation split ({len(val['label'])} images, data.split_seed={run_config.data.split_seed})"
     )
+    summary["not_digit"] = fit_not_digit_detector(
+        net,
+        datamodule.split_tensors("train"),
+        datamodule.split_tensors("val"),
+        cfg.get("not_digit_accept", DEFAULT_ACCEPT),
+    )
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     state = module.state_dict()
-    for name in TEMPERATURES:
+    names = [*TEMPERATURES, *(f"not_digit.{name}" for name in DETECTOR_BUFFERS)]
+    for name in names:
         checkpoint["state_dict"][f"net.{name}"] = state[f"net.{name}"].clone()
     checkpoint["calibration"] = {"source": str(ckpt_path), **{head: summary[head] for head, *_ in HEADS}}
+    checkpoint["calibration"]["not_digit"] = summary["not_digit"]
     with atomic_path(target) as tmp:  # whole or not at all, as the training checkpoints
         torch.save(checkpoint, tmp)
     write_json_atomic(output_dir / "calibration.json", summary)
@@ -103,6 +119,13 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         "Temperatures fitted on the %s; ECE on the MNIST test set (fixed pairs):\n%s",
         summary["fitted_on"],
         format_calibration(summary),
+    )
+    log.info(
+        "Not a digit: threshold %.4f accepts %.1f %% of the %s; fitted on %s.",
+        summary["not_digit"]["threshold"],
+        100 * summary["not_digit"]["validation_accepted"],
+        summary["not_digit"]["threshold_set_on"],
+        summary["not_digit"]["fitted_on"],
     )
     log.info("Calibrated checkpoint: %s", target)
     log.info("Run folder: %s", output_dir)
