@@ -1,7 +1,9 @@
 """Shared fixtures: tiny IDX files written by the tests, real MNIST from DATA_DIR, composed configs."""
 
 import importlib
+import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:
     from mnist_adder.data import MnistSumDataModule
@@ -167,8 +170,44 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     data_dir = make_tiny_mnist(tmp_path_factory.mktemp("tiny_run_data"))
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    train(compose_config([*tiny_train_overrides(data_dir), "trainer.max_epochs=1"], run_dir))
+    # calibrate=false: a raw checkpoint, as the tests of what reads one expect; a "not a digit" detector
+    # fitted on the tiny data's bars would refuse every real image they read with it.
+    train(
+        compose_config([*tiny_train_overrides(data_dir), "trainer.max_epochs=1", "calibrate=false"], run_dir)
+    )
     return run_dir
+
+
+def save_noise(path: Path) -> Path:
+    """28x28 uniform noise, the image the Calibration section of the README shows read as "digit 8"."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(path)
+    return path
+
+
+def save_letter(path: Path, letter: str = "K") -> Path:
+    """A letter typed in black on white, in the first sans-serif font of the machine (PIL's own without)."""
+    from mnist_adder.data.not_digits import font_files
+
+    sans = [f for f in font_files() if "Sans" in Path(f).name and "Mono" not in Path(f).name]
+    font = ImageFont.truetype(sans[0], 90) if sans else ImageFont.load_default(90)
+    page = Image.new("L", (120, 120), 255)
+    ImageDraw.Draw(page).text((60, 60), letter, fill=0, font=font, anchor="mm")
+    page.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibrated_ckpt(trained_run: Path, real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `trained_run`'s best checkpoint calibrated by scripts/calibrate.py's code: with its
+    temperatures and its not-a-digit detector (`<name>.calibrated.ckpt`, beside the copy)."""
+    from mnist_adder.inference.calibrate import calibrate
+
+    folder = tmp_path_factory.mktemp("calibrated_run")
+    original = folder / "best.ckpt"
+    shutil.copy(json.loads((trained_run / "metrics.json").read_text())["ckpt_path"], original)
+    overrides = [f"ckpt_path={original}", f"paths.data_dir={real_data_dir}"]
+    summary = calibrate(compose_config(overrides, folder / "run", config_name="calibrate"))
+    return Path(summary["calibrated_ckpt_path"])
 
 
 def require_extra(module: str, extra: str) -> Any:

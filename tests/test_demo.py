@@ -1,7 +1,8 @@
 """scripts/demo.py: the real Gradio server, asked through gradio_client and through a real browser.
 
 Both read real MNIST test digits saved as PNG files, and both must get what predict's code gets from
-the same files (same loader, same preprocessing, same probabilities); bad input shows predict's words.
+the same files (same loader, same preprocessing, same probabilities); bad input shows predict's words,
+and an image that is not a digit predict's refusal.
 """
 
 import json
@@ -25,10 +26,10 @@ from PIL import Image
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.preprocess import read_grayscale, to_mnist_pixels
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.demo import DigitSumDemo, build_app
-from mnist_adder.inference.predict import Failure, Prediction, predict_images
+from mnist_adder.inference.demo import NOT_A_DIGIT_LABEL, DigitSumDemo, build_app
+from mnist_adder.inference.predict import Failure, NotDigit, Prediction, predict_images
 
-from conftest import compose_config, require_extra
+from conftest import compose_config, require_extra, save_letter, save_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 300  # importing Gradio and torch on a busy 2-core machine
@@ -50,10 +51,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(URL, checkpoint) of `python scripts/demo.py` serving the trained run's best checkpoint."""
+def demo_server(calibrated_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(URL, checkpoint) of `python scripts/demo.py` serving the trained run's best checkpoint, calibrated
+    (with its not-a-digit detector)."""
     require_extra("gradio", "demo")
-    ckpt_path = json.loads((trained_run / "metrics.json").read_text())["ckpt_path"]
+    ckpt_path = str(calibrated_ckpt)
     port = _free_port()
     log_path = tmp_path_factory.mktemp("demo") / "server.log"
     env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
@@ -97,7 +99,7 @@ def digit_files(real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def _predict_file(
     ckpt_path: str, path: Path, number: int, shown_as: str | None = None
-) -> Prediction | Failure:
+) -> Prediction | NotDigit | Failure:
     """What predict's code says of one file; `shown_as` the name the page gives the image (default: the
     file's name, as the page shows an upload)."""
     module, _ = load_checkpoint(ckpt_path)
@@ -220,9 +222,13 @@ def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
         message, digit, total, seen = client.predict(
             client_module.handle_file(str(path)), number, api_name="/predict_upload"
         )
-        assert isinstance(want, Prediction)
-        # Predict's own line for this file, its digit and sum on top of the bars with predict's probabilities.
+        # Predict's own line for this file, its digit and sum on top of the bars with predict's probabilities
+        # (or, for a digit refused as not one, about 1 in 100, the refusal where they would be).
         assert message == want.as_text()
+        if isinstance(want, NotDigit):
+            assert digit["label"] == total["label"] == NOT_A_DIGIT_LABEL
+            continue
+        assert isinstance(want, Prediction)
         assert (int(digit["label"]), int(total["label"])) == (want.digit, want.sum)
         # (Read per head: with n=0 the digit and the sum carry the same label.)
         assert digit["confidences"][0]["confidence"] == pytest.approx(want.digit_prob, abs=1e-6)
@@ -277,6 +283,26 @@ def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_ser
     want = _predict_file(ckpt_path, tmp_path / "drawn.png", number, shown_as="drawing")
     assert isinstance(want, Prediction)
     assert message == want.as_text() and int(digit["label"]) == want.digit
+
+
+@pytest.mark.slow  # a real server, with a model trained on real MNIST (trained_run)
+def test_noise_and_a_letter_show_predicts_refusal(demo_server, tmp_path):
+    client_module = require_extra("gradio_client", "demo")
+    url, ckpt_path = demo_server
+    client = client_module.Client(url, verbose=False)
+    for path in (save_noise(tmp_path / "noise.png"), save_letter(tmp_path / "letter_k.png")):
+        want = _predict_file(ckpt_path, path, 3)
+        assert isinstance(want, NotDigit)
+        message, digit, total, seen = client.predict(
+            client_module.handle_file(str(path)), 3, api_name="/predict_upload"
+        )
+        # Predict's refusal, and "not a digit" where the digit and the sum would be; what it saw is shown.
+        assert message == want.as_text() and message.startswith(f"{path.name}: not a digit (score ")
+        assert digit["label"] == total["label"] == NOT_A_DIGIT_LABEL
+        assert not digit.get("confidences")
+        shown = np.asarray(Image.open(seen).convert("L"))
+        pixels = to_mnist_pixels(read_grayscale(path)).numpy()  # enlarged: each pixel an 8x8 square
+        np.testing.assert_array_equal(shown, np.kron(pixels, np.ones((8, 8), dtype=np.uint8)))
 
 
 @pytest.mark.slow  # a real server, with a model trained on real MNIST (trained_run)

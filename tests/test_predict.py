@@ -1,6 +1,7 @@
 """scripts/predict.py: real MNIST digits saved as users' files are read as the model reads the tensors."""
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,11 +16,19 @@ from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.predict import Prediction, image_paths, numbers_for, predict, predict_images
+from mnist_adder.inference.predict import (
+    NotDigit,
+    Prediction,
+    image_paths,
+    numbers_for,
+    predict,
+    predict_images,
+)
 
-from conftest import compose_config
+from conftest import compose_config, save_letter, save_noise
 
 ROOT = Path(__file__).resolve().parents[1]
+PREDICTION_KEYS = ["image", "number", "digit", "digit_prob", "sum", "sum_prob"]
 # Honest floor: a model trained for 200 steps agreed with itself on 97 % (enlarged) to 99.7 % (28x28)
 # of 200 digits when they came as files; an error in polarity, crop or centring drops this far lower.
 AGREEMENT_FLOOR = 0.93
@@ -111,7 +120,9 @@ def test_folder_in_json_keeps_the_good_results_and_reports_the_bad(model_and_dig
     with torch.inference_mode():
         digit_logits, _ = module(normalize(images[:3]).unsqueeze(1), torch.eye(10)[[4, 4, 4]])
     for line, expected in zip(lines[1:4], digit_logits.argmax(1).tolist(), strict=True):
-        assert list(line) == ["image", "number", "digit", "digit_prob", "sum", "sum_prob"]
+        assert list(line) == [*PREDICTION_KEYS, "not_digit_score", "reject_threshold"]
+        # This checkpoint has no not-a-digit detector: no score, nothing refused.
+        assert line["not_digit_score"] is None and line["reject_threshold"] is None
         assert line["number"] == 4 and line["digit"] == expected and line["sum"] in range(19)
         assert 0 < line["digit_prob"] <= 1 and 0 < line["sum_prob"] <= 1
 
@@ -187,6 +198,9 @@ def test_predict_prints_each_image_and_fails_at_the_end_for_an_unreadable_one(ti
         "digit_prob": pytest.approx(float(digit_probs.max()), abs=1e-6),
         "sum": int(sum_probs.argmax()),
         "sum_prob": pytest.approx(float(sum_probs.max()), abs=1e-6),
+        # tiny_run is trained with calibrate=false: no "not a digit" detector, so no score and no threshold.
+        "not_digit_score": None,
+        "reject_threshold": None,
     }
     assert bad["image"] == str(tmp_path / "notes.txt") and bad["error"].startswith("not an image")
 
@@ -224,3 +238,75 @@ def test_folders_expand_to_their_image_files_by_name(tmp_path, capsys):
     (tmp_path / "sub" / "labels.csv").write_text("file,label\n")
     with pytest.raises(UserError, match=r"holds no image files \(it holds 1 other file\)"):
         image_paths(str(tmp_path / "sub"))
+
+
+# The digits the files of examples/digits show (examples/make_digits.py).
+EXAMPLE_DIGITS = {"four_drawn.png": 4, "one_mnist.png": 1, "seven_on_paper.png": 7, "two_scan.jpg": 2}
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """A folder of a noise image, a typed letter and the example digits (copied)."""
+    folder = tmp_path_factory.mktemp("mixed")
+    save_noise(folder / "noise.png")
+    save_letter(folder / "letter_k.png")
+    for name in EXAMPLE_DIGITS:
+        (folder / name).write_bytes((ROOT / "examples" / "digits" / name).read_bytes())
+    return folder
+
+
+def test_noise_and_a_letter_are_refused_and_real_digits_read(calibrated_ckpt, mixed_folder):
+    result = run_predict(f"ckpt_path={calibrated_ckpt}", f"image={mixed_folder}", "number=3")
+    assert result.returncode == 0, result.stderr[-3000:]  # refusals are results, not errors
+    assert "Traceback" not in result.stderr and "error" not in result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert sorted(Path(p).name for p in lines) == sorted(["noise.png", "letter_k.png", *EXAMPLE_DIGITS])
+    for name in ("noise.png", "letter_k.png"):
+        text = lines[str(mixed_folder / name)]
+        assert re.fullmatch(
+            r"not a digit \(score (-?[\d.]+) > threshold (-?[\d.]+)\): does not look like a handwritten "
+            r"digit to this model; no digit or sum given",
+            text,
+        ), text
+    for name, digit in EXAMPLE_DIGITS.items():
+        assert lines[str(mixed_folder / name)].startswith(f"number 3 -> digit {digit} ("), name
+        assert f"sum {digit + 3} (" in lines[str(mixed_folder / name)]
+
+    as_json = run_predict(f"ckpt_path={calibrated_ckpt}", f"image={mixed_folder}", "number=3", "format=json")
+    assert as_json.returncode == 0, as_json.stderr[-3000:]
+    results = {Path(r["image"]).name: r for r in map(json.loads, as_json.stdout.splitlines())}
+    module, _ = load_checkpoint(calibrated_ckpt)
+    threshold = round(float(module.net.not_digit.threshold), 4)
+    for name in ("noise.png", "letter_k.png"):
+        refused = results[name]
+        assert list(refused) == [*PREDICTION_KEYS, "not_digit_score", "reject_threshold", "reason"]
+        assert [refused[k] for k in ("digit", "digit_prob", "sum", "sum_prob")] == [None] * 4
+        assert refused["reject_threshold"] == threshold and refused["not_digit_score"] > threshold
+        assert refused["reason"] == lines[str(mixed_folder / name)]
+    for name, digit in EXAMPLE_DIGITS.items():
+        read = results[name]
+        assert list(read) == [*PREDICTION_KEYS, "not_digit_score", "reject_threshold"]
+        assert (read["digit"], read["sum"]) == (digit, digit + 3)
+        assert read["not_digit_score"] <= read["reject_threshold"] == threshold
+
+
+def test_reject_threshold_overrides_the_stored_one(calibrated_ckpt, mixed_folder):
+    module, _ = load_checkpoint(calibrated_ckpt)
+    paths = [str(mixed_folder / "noise.png"), str(mixed_folder / "seven_on_paper.png")]
+    stored = predict_images(module, paths, [1, 1])
+    assert [type(r) for r in stored] == [NotDigit, Prediction]
+    # off, or false: nothing is refused, and no score is given.
+    for off in ("off", False):
+        read = predict_images(module, paths, [1, 1], threshold=off)
+        assert all(isinstance(r, Prediction) and r.not_digit_score is None for r in read)
+    # A number: that threshold; here one above the noise's score and one below the digit's.
+    noise_score, digit_score = stored[0].not_digit_score, stored[1].not_digit_score
+    assert all(
+        isinstance(r, Prediction) for r in predict_images(module, paths, [1, 1], threshold=noise_score + 1)
+    )
+    low = predict_images(module, paths, [1, 1], threshold=digit_score - 1)
+    assert all(isinstance(r, NotDigit) and r.reject_threshold == round(digit_score - 1, 4) for r in low)
+    result = run_predict(
+        f"ckpt_path={calibrated_ckpt}", f"image={paths[0]}", "number=1", "reject_threshold=off", "format=json"
+    )
+    assert result.returncode == 0 and json.loads(result.stdout)["digit"] in range(10)

@@ -48,6 +48,25 @@ MAX_SEED = 2**32 - 1
 SEED_KEYS = ("seed", "data.seed", "data.split_seed", "data.pair_seed")
 
 
+# What `reject_threshold` (predict, demo, eval) may be.
+REJECT_THRESHOLD_CHOICES = (
+    "null (the threshold stored in the checkpoint), a number (refuse images whose not-a-digit score is "
+    "above it) or off (refuse none)"
+)
+
+
+def reject_threshold_off(value: Any) -> bool:
+    """Whether `reject_threshold` turns "not a digit" off: off (any case) or false."""
+    return value is False or (isinstance(value, str) and value.strip().lower() == "off")
+
+
+def reject_threshold_problem(value: Any) -> str | None:
+    """Why `reject_threshold` is not allowed (None if it is)."""
+    if value is None or reject_threshold_off(value) or _is_number(value):
+        return None
+    return _bad("reject_threshold", value, REJECT_THRESHOLD_CHOICES)
+
+
 def accelerator_problem(accelerator: Any, by_group: bool) -> str | None:
     """Why `trainer.accelerator` cannot run on this machine (None if it can, or if Lightning must judge).
 
@@ -208,13 +227,14 @@ def config_problems(cfg: DictConfig) -> list[str]:
         and not (_is_int(max_epochs) and max_epochs >= 1)
     ):
         problems.append(_bad("trainer.max_epochs", max_epochs, "it must be a whole number of at least 1"))
-    for key in ("robustness", "calibrate"):
-        value = get(key)
-        if value is not _MISSING and not isinstance(value, bool):
-            problems.append(_bad(key, value, "it must be true or false"))
-    robustness_seed = get("robustness_seed")
-    if robustness_seed is not _MISSING and not _is_int(robustness_seed):
-        problems.append(_bad("robustness_seed", robustness_seed, "it must be a whole number"))
+    for key in ("robustness", "calibrate", "not_digits"):
+        flag = get(key)
+        if flag is not _MISSING and not isinstance(flag, bool):
+            problems.append(_bad(key, flag, "it must be true or false"))
+    for key in ("robustness_seed", "not_digits_seed"):
+        seed = get(key)
+        if seed is not _MISSING and not _is_int(seed):
+            problems.append(_bad(key, seed, "it must be a whole number"))
     robustness_images = get("robustness_images")
     if robustness_images not in (_MISSING, None) and not (
         _is_int(robustness_images) and robustness_images >= 1
@@ -224,6 +244,19 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 "robustness_images",
                 robustness_images,
                 "it must be null (all) or a whole number of at least 1",
+            )
+        )
+    threshold = get("reject_threshold")
+    if threshold is not _MISSING and (problem := reject_threshold_problem(threshold)) is not None:
+        problems.append(problem)
+    accept = get("not_digit_accept")
+    if accept is not _MISSING and not (_is_number(accept) and 0 < accept < 1):
+        problems.append(
+            _bad(
+                "not_digit_accept",
+                accept,
+                "the share of validation digits the threshold accepts, a number between 0 and 1 "
+                "(0.99 accepts 99 %)",
             )
         )
     # Lightning refuses a progress-bar callback with the progress bar turned off, with a traceback.

@@ -132,6 +132,11 @@ class MnistSumDataModule(pl.LightningDataModule):
         self._train_batches = batches
         return batches
 
+    def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised images [N, 1, 28, 28], labels [N]) of "train", "val" or "test", once `setup` has
+        made it: what fits on the splits without batches of pairs ("not a digit") reads them here."""
+        return self._splits[split]
+
     def _eval_batches(self, split: str) -> EvalBatches:
         images, labels = self._splits[split]
         rank, world_size = self._rank_and_world()

@@ -8,6 +8,9 @@ scripts/calibrate.py runs it on a checkpoint made without it and writes `<name>.
 (the user's file is never touched). The net divides its output logits by them (`DigitSumNet`), so eval,
 predict, the demo and the ONNX/TorchScript export of a calibrated checkpoint give calibrated probabilities
 with no code of their own; argmax predictions and the sum stay exactly as they were.
+
+The "not a digit" detector is fitted in the same step and written into the same file (its statistics on
+the training split, its threshold on the validation split: `mnist_adder.analysis.not_digit`).
 """
 
 import logging
@@ -19,6 +22,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
+from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
+from mnist_adder.config_checks import check_config
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint, write_fitted_checkpoint
 from mnist_adder.inference.evaluate import evaluation_trainer, run_datamodule
@@ -115,9 +120,10 @@ def format_calibration(summary: dict[str, Any]) -> str:
 
 
 def calibrate(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the temperatures of `cfg.ckpt_path` on validation, write the calibrated checkpoint, and return
-    (and write to `<output_dir>/calibration.json`) the temperatures, the NLL and ECE before and after, and
-    the test set's reliability bins before and after."""
+    """Fit the temperatures of `cfg.ckpt_path` on validation (and the not-a-digit detector), write the
+    calibrated checkpoint, and return (and write to `<output_dir>/calibration.json`) the temperatures and
+    the NLL and ECE before and after, and what the detector was fitted on."""
+    check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise UserError(
             f"no checkpoint given: python scripts/calibrate.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
@@ -139,11 +145,26 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     fitted = fit_temperatures(module, datamodule)
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
+    not_digit = fit_not_digit_detector(
+        module.net,
+        datamodule.split_tensors("train"),
+        datamodule.split_tensors("val"),
+        cfg.get("not_digit_accept", DEFAULT_ACCEPT),
+    )
     summary = {"ckpt_path": str(ckpt_path), "calibrated_ckpt_path": str(target)}
     summary |= with_test_results(fitted, before, after, (bins_before, dict(module.calibration_results)))
-    write_fitted_checkpoint(ckpt_path, target, module, {"calibration": {"source": str(ckpt_path), **fitted}})
+    summary["not_digit"] = not_digit
+    records = {"calibration": {"source": str(ckpt_path), **fitted}, "not_digit": not_digit}
+    write_fitted_checkpoint(ckpt_path, target, module, records)
     write_json_atomic(output_dir / "calibration.json", summary)
     log.info("%s", format_calibration(summary))
+    log.info(
+        "Not a digit: threshold %.4f accepts %.1f %% of the %s; fitted on %s.",
+        not_digit["threshold"],
+        100 * not_digit["validation_accepted"],
+        not_digit["threshold_set_on"],
+        not_digit["fitted_on"],
+    )
     log.info("Calibrated checkpoint: %s", target)
     log.info("Run folder: %s", output_dir)
     return summary

@@ -6,7 +6,9 @@ soon as the drawing, the uploaded file, the tab or the number changes. It is `pr
 front: the same
 checkpoint loader, the same preprocessing and the same probabilities, so the page and
 `scripts/predict.py` answer alike for the same image. A bad input (a blank drawing, a file that is not
-an image) shows predict's error text in the message box, and the app keeps serving.
+an image) shows predict's error text in the message box, and the app keeps serving. An image that does
+not look like a handwritten digit shows predict's "not a digit" line, and "not a digit" where the digit
+and the sum would be.
 """
 
 import logging
@@ -21,15 +23,26 @@ from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS
 from mnist_adder.data.preprocess import read_grayscale, to_grayscale, to_mnist_pixels, to_model_input
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
-from mnist_adder.inference.predict import best_prediction, class_probabilities, numbers_for
+from mnist_adder.inference.predict import (
+    NotDigit,
+    best_prediction,
+    check_reject_threshold,
+    class_probabilities,
+    not_digit_scores,
+    numbers_for,
+    reject_threshold,
+)
 
 log = logging.getLogger(__name__)
 
 USAGE = "python scripts/demo.py ckpt_path=<file.ckpt> [port=7860] [share=false]"
 # How many classes each bar chart shows, most probable first.
 TOP_CLASSES = 5
-# What the page returns for each output: (message, digit bars, sum bars, the 28x28 pixels enlarged).
-Answer = tuple[str, dict[str, float] | None, dict[str, float] | None, np.ndarray | None]
+# What the page returns for each output: (message, digit bars, sum bars, the 28x28 pixels enlarged); the
+# bars are the refusal's words instead for an image that is not a digit.
+Answer = tuple[str, dict[str, float] | str | None, dict[str, float] | str | None, np.ndarray | None]
+# Where the digit and the sum would be shown, for an image refused as not a digit.
+NOT_A_DIGIT_LABEL = "not a digit"
 # Each of the 28x28 pixels the model saw is shown as a square of SEEN_SCALE x SEEN_SCALE screen pixels
 # (224 x 224), enlarged here by repetition: a browser asked to enlarge a 28x28 image smooths it into a blur.
 SEEN_SCALE = 8
@@ -44,15 +57,21 @@ BLANK_DRAWING = np.full((64, 64), 255, dtype=np.uint8)
 class DigitSumDemo:
     """What the page does with its inputs, without the page: testable with a model alone."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, threshold: Any = None) -> None:
+        """`threshold` as `reject_threshold=` (None: the checkpoint's; off: refuse nothing)."""
         self.module = module
+        self.threshold = reject_threshold(threshold, module)
 
     def answer(self, name: str, gray: np.ndarray, number: Any) -> Answer:
         """Gray levels of one image and a number -> the page's outputs (raises UserError on bad input)."""
         (number,) = numbers_for(number, 1)
         pixels = to_mnist_pixels(gray)
-        digit_probs, sum_probs = class_probabilities(self.module, to_model_input(pixels)[None], [number])
-        prediction = best_prediction(name, number, digit_probs[0], sum_probs[0])
+        image = to_model_input(pixels)[None]
+        digit_probs, sum_probs = class_probabilities(self.module, image, [number])
+        score = float(not_digit_scores(self.module, image)[0])
+        prediction = best_prediction(name, number, digit_probs[0], sum_probs[0], score, self.threshold)
+        if isinstance(prediction, NotDigit):
+            return prediction.as_text(), NOT_A_DIGIT_LABEL, NOT_A_DIGIT_LABEL, enlarge(pixels.numpy())
         return (
             prediction.as_text(),
             {str(c): float(p) for c, p in zip(range(NUM_DIGITS), digit_probs[0], strict=True)},
@@ -115,10 +134,11 @@ def _gradio() -> Any:
     return gr
 
 
-def build_app(module: torch.nn.Module) -> Any:
-    """The Gradio page around a loaded model (a `gr.Blocks`; call `.launch()` to serve it)."""
+def build_app(module: torch.nn.Module, threshold: Any = None) -> Any:
+    """The Gradio page around a loaded model (a `gr.Blocks`; call `.launch()` to serve it); `threshold`
+    as `reject_threshold=`."""
     gr = _gradio()
-    demo = DigitSumDemo(module)
+    demo = DigitSumDemo(module, threshold)
     with gr.Blocks(title="mnist-adder", analytics_enabled=False) as app:
         gr.Markdown(
             "# mnist-adder\nDraw a digit or upload an image of one and choose a number n: the model "
@@ -174,6 +194,7 @@ def _port(value: Any) -> int:
 
 def serve(cfg: DictConfig) -> None:
     """Load the checkpoint and serve the demo until Ctrl-C (raises UserError on bad options)."""
+    check_reject_threshold(cfg.get("reject_threshold"))
     if not cfg.get("ckpt_path"):
         raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
     port = _port(cfg.get("port", 7860))
@@ -182,7 +203,7 @@ def serve(cfg: DictConfig) -> None:
         raise UserError(f"share={share!r} is not allowed: true or false.")
     _gradio()  # a missing extra is reported before the model is loaded
     module, _ = load_checkpoint(cfg.ckpt_path)
-    app = build_app(module)
+    app = build_app(module, cfg.get("reject_threshold"))
     try:
         app.launch(server_name=cfg.get("host", "127.0.0.1"), server_port=port, share=share)
     except OSError as err:  # Gradio's words for a taken port: "Cannot find empty port in range: ..."

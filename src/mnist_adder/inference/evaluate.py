@@ -4,7 +4,8 @@ The checkpoint's stored run config decides everything that changes the numbers (
 and its fixed test pairs, the trainer's precision and test limits), so a checkpoint gives here exactly
 the test numbers its training run wrote to metrics.json. The eval run folder also gets a reliability
 diagram per head (PNG, and in its own TensorBoard events) and, with robustness=true, the test under
-corruptions (robustness.json).
+corruptions (robustness.json); with not_digits=true, the measurement of "not a digit" against its
+baselines (not_digits.json, see `mnist_adder.analysis.not_digit`).
 """
 
 import logging
@@ -15,12 +16,15 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
+from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector, format_not_digits, measure
 from mnist_adder.analysis.render import reliability_diagram_figure
 from mnist_adder.analysis.robustness import evaluate_robustness, format_robustness
 from mnist_adder.cli import build
 from mnist_adder.config_checks import accelerator_problem, check_config
+from mnist_adder.data.preprocess import is_image_name
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.inference.predict import reject_threshold
 from mnist_adder.results import format_per_class, format_results, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,43 @@ def _robustness(
     )
 
 
+def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
+    """The detector and the baselines on the not-digit set, MNIST test digits and photos of them:
+    a table in the log and not_digits.json. A checkpoint without a detector gets one fitted here (as
+    scripts/calibrate.py would; it is not saved)."""
+    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    datamodule.setup("fit")
+    net = module.net
+    fitted = None
+    if not net.not_digit.fitted:
+        log.info("The checkpoint has no not-a-digit detector: fitting one as scripts/calibrate.py does.")
+        fitted = fit_not_digit_detector(
+            net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept
+        )
+    threshold = reject_threshold(cfg.get("reject_threshold"), module)
+    if threshold is None:
+        raise UserError(
+            "not_digits=true with reject_threshold=off: there is no threshold to measure. Leave "
+            "reject_threshold=null (the checkpoint's) or give a number."
+        )
+    # The project's sample photos, which must all be accepted.
+    example_dir = Path(cfg.paths.root_dir) / "examples" / "digits"
+    examples = sorted(p for p in example_dir.iterdir() if is_image_name(p)) if example_dir.is_dir() else []
+    report = measure(
+        net,
+        datamodule.split_tensors("train"),
+        datamodule.split_tensors("val"),
+        datamodule.split_tensors("test"),
+        examples,
+        threshold=threshold,
+        seed=cfg.get("not_digits_seed", 0),
+        accept=accept,
+    )
+    report = {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "fitted_here": fitted, **report}
+    write_json_atomic(Path(cfg.paths.output_dir) / "not_digits.json", report)
+    log.info("Not a digit (see docs/not_a_digit.md):\n%s", format_not_digits(report))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `cfg.ckpt_path`; return the results also written to `<output_dir>/metrics.json`."""
     check_config(cfg)
@@ -139,5 +180,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
         if cfg.robustness:
             _robustness(cfg, trainer, module, datamodule, writer)
+    if cfg.get("not_digits"):
+        _not_digits(cfg, module, datamodule)
     log.info("Run folder: %s", output_dir)
     return results

@@ -3,7 +3,9 @@
 Both take what the network takes, an already normalised image (see `mnist_adder.data.normalize`; MNIST
 mean and std are also stored in the ONNX metadata) and the number as a one-hot vector:
 inputs image float32 [N, 1, 28, 28] and number_onehot float32 [N, 10]; outputs digit_logits [N, 10] and
-sum_logits [N, 19]; N is free.
+sum_logits [N, 19], then not_digit_score float64 [N] and not_digit bool [N] (score above the threshold
+stored in the checkpoint: not a handwritten digit; a checkpoint without a detector gives NaN and false);
+N is free.
 """
 
 import warnings
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from mnist_adder.data.batches import NUM_DIGITS
 from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
@@ -18,8 +21,24 @@ from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 
 INPUT_NAMES = ("image", "number_onehot")
-OUTPUT_NAMES = ("digit_logits", "sum_logits")
+# The two heads first, as they always were; "not a digit" after them.
+OUTPUT_NAMES = ("digit_logits", "sum_logits", "not_digit_score", "not_digit")
 INSTALL_HINT = 'ONNX export needs the export extra: pip install -e ".[export]"'
+
+
+class ExportedNet(nn.Module):
+    """The net with its "not a digit" outputs: (digit_logits, sum_logits, not_digit_score, not_digit)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, image: torch.Tensor, number_onehot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        digit_logits, sum_logits, score = self.net.forward_with_not_digit(image, number_onehot)
+        # NaN (no detector) compares false: nothing is refused.
+        return digit_logits, sum_logits, score, score > self.net.not_digit.threshold
 
 
 def _example_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,20 +61,28 @@ def export_onnx(net: torch.nn.Module, path: Path) -> Path:
             _example_inputs(),
             str(path),
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            # A bare DigitSumNet has the two heads only; ExportedNet adds "not a digit".
+            output_names=list(OUTPUT_NAMES if isinstance(net, ExportedNet) else OUTPUT_NAMES[:2]),
             dynamic_shapes={"image": {0: batch}, "number_onehot": {0: batch}},
             dynamo=True,
             external_data=False,  # one self-contained file: the weights are 90 kB
             verbose=False,
         )
     model = onnx.load(str(path))
+    detector = net.net.not_digit if isinstance(net, ExportedNet) else None
+    threshold = float(detector.threshold) if detector is not None and detector.fitted else None
     # The input contract travels with the file: consumers must normalise exactly as training did.
     onnx.helper.set_model_props(
         model,
         {
+            "not_digit_threshold": "none (no detector)" if threshold is None else repr(threshold),
             "image_normalisation": f"(pixels / 255 - {MNIST_MEAN}) / {MNIST_STD}",
             "inputs": "image float32 [N,1,28,28] (MNIST-like: light digit on black); number_onehot [N,10]",
-            "outputs": "digit_logits [N,10] (digit 0..9); sum_logits [N,19] (digit + number, 0..18)",
+            "outputs": (
+                "digit_logits [N,10] (digit 0..9); sum_logits [N,19] (digit + number, 0..18); "
+                "not_digit_score float64 [N] (higher: less like a handwritten digit; NaN: no detector); "
+                "not_digit bool [N] (score above the stored threshold)"
+            ),
         },
     )
     onnx.checker.check_model(model)
@@ -68,6 +95,8 @@ def export_torchscript(net: torch.nn.Module, path: Path) -> Path:
     with warnings.catch_warnings():
         # TorchScript is deprecated in recent PyTorch but still what many deployments load.
         warnings.simplefilter("ignore", FutureWarning)
+        # Whether the checkpoint has a not-a-digit detector is fixed per checkpoint: a constant in the trace.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(net, _example_inputs())
         torch.jit.save(traced, str(path))
     return path
@@ -97,7 +126,7 @@ def export(cfg: DictConfig) -> dict[str, Path]:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output_dir={folder} is a file, not a folder: name a folder to write into.")
     folder.mkdir(parents=True, exist_ok=True)
-    net = module.net.eval()
+    net = ExportedNet(module.net).eval()
     export_onnx(net, paths["onnx"])
     export_torchscript(net, paths["torchscript"])
     for kind, path in paths.items():

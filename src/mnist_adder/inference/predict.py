@@ -3,7 +3,9 @@
 Images are files, folders (the image files in them, by name; other files are skipped with a note) or
 lists of both; the number is one for all or one per image. Each image gives one line: text for people,
 or one JSON object for scripts. An image that cannot be read gives an error line in its place and the
-others still get theirs; the exit status then says that something failed.
+others still get theirs; the exit status then says that something failed. An image that does not look
+like a handwritten digit (its not-a-digit score is above the threshold, see
+`mnist_adder.models.not_digit`) gets no digit and no sum but a line that says so: a result, not an error.
 """
 
 import json
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from mnist_adder.config_checks import reject_threshold_off, reject_threshold_problem
 from mnist_adder.data.batches import NUM_DIGITS
 from mnist_adder.data.preprocess import is_image_name, preprocess_image
 from mnist_adder.errors import UserError
@@ -23,6 +26,9 @@ from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 
 FORMATS = ("text", "json")
 USAGE = "python scripts/predict.py ckpt_path=<file.ckpt> image=<file or folder> number=<0..9>"
+
+
+NOT_A_DIGIT = "does not look like a handwritten digit to this model; no digit or sum given"
 
 
 @dataclass
@@ -33,6 +39,9 @@ class Prediction:
     digit_prob: float
     sum: int
     sum_prob: float
+    # The not-a-digit score and the threshold it passed (None: the checkpoint has no detector, or it is off).
+    not_digit_score: float | None = None
+    reject_threshold: float | None = None
 
     def as_text(self) -> str:
         return (
@@ -41,10 +50,60 @@ class Prediction:
         )
 
 
+@dataclass(kw_only=True)
+class NotDigit:
+    """An image refused as not a digit: no digit, no sum, its score and the threshold it exceeded."""
+
+    image: str
+    number: int
+    digit: None = None
+    digit_prob: None = None
+    sum: None = None
+    sum_prob: None = None
+    not_digit_score: float
+    reject_threshold: float
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.reason = self.reason or (
+            f"not a digit (score {self.not_digit_score:.2f} > threshold {self.reject_threshold:.2f}): "
+            f"{NOT_A_DIGIT}"
+        )
+
+    def as_text(self) -> str:
+        return f"{self.image}: {self.reason}"
+
+
 @dataclass
 class Failure:
     image: str
     error: str
+
+
+def check_reject_threshold(value: Any) -> None:
+    """Raise UserError (one line) unless `reject_threshold` is null, a number, off or false."""
+    problem = reject_threshold_problem(value)
+    if problem is not None:
+        raise UserError(f"{problem}.")
+
+
+def reject_threshold(value: Any, module: torch.nn.Module) -> float | None:
+    """The threshold above which an image is refused as not a digit, from `reject_threshold=`: null the
+    checkpoint's (None where it has no detector), a number that one, off or false none (None)."""
+    net = getattr(module, "net", module)
+    fitted = net.not_digit.fitted
+    check_reject_threshold(value)
+    if value is None:
+        return float(net.not_digit.threshold) if fitted else None
+    if reject_threshold_off(value):
+        return None
+    if not fitted:
+        raise UserError(
+            f"reject_threshold={value!r}: this checkpoint has no not-a-digit detector to threshold. Fit "
+            "one with python scripts/calibrate.py ckpt_path=<file.ckpt> (it writes <file>.calibrated.ckpt), "
+            "or leave reject_threshold=null."
+        )
+    return float(value)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -117,23 +176,55 @@ def class_probabilities(
     return digit_logits.softmax(dim=-1), sum_logits.softmax(dim=-1)
 
 
+@torch.inference_mode()
+def not_digit_scores(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The not-a-digit scores [N] of preprocessed images [N, 1, 28, 28] (NaN without a detector)."""
+    return getattr(module, "net", module).not_digit_score(images)
+
+
 def best_prediction(
-    image: str, number: int, digit_probs: torch.Tensor, sum_probs: torch.Tensor
-) -> Prediction:
-    """The most probable digit and sum of one image, from its rows of `class_probabilities`."""
+    image: str,
+    number: int,
+    digit_probs: torch.Tensor,
+    sum_probs: torch.Tensor,
+    score: float | None = None,
+    threshold: float | None = None,
+) -> Prediction | NotDigit:
+    """The most probable digit and sum of one image, from its rows of `class_probabilities`; or, when its
+    not-a-digit `score` is above `threshold` (None: no threshold), the refusal."""
+    shown_score = shown_threshold = None
+    if threshold is not None and score is not None:
+        shown_score, shown_threshold = round(float(score), 4), round(float(threshold), 4)
+        if score > threshold:
+            return NotDigit(
+                image=image, number=number, not_digit_score=shown_score, reject_threshold=shown_threshold
+            )
     digit_prob, digit = digit_probs.max(dim=-1)
     sum_prob, total = sum_probs.max(dim=-1)
     return Prediction(
-        image, number, int(digit), round(float(digit_prob), 6), int(total), round(float(sum_prob), 6)
+        image,
+        number,
+        int(digit),
+        round(float(digit_prob), 6),
+        int(total),
+        round(float(sum_prob), 6),
+        shown_score,
+        shown_threshold,
     )
 
 
 def predict_images(
-    module: torch.nn.Module, paths: Sequence[str], numbers: Sequence[int], batch_size: int = 256
-) -> list[Prediction | Failure]:
-    """Predict every readable image; unreadable ones become Failures in their place."""
+    module: torch.nn.Module,
+    paths: Sequence[str],
+    numbers: Sequence[int],
+    batch_size: int = 256,
+    threshold: Any = None,
+) -> list[Prediction | NotDigit | Failure]:
+    """Predict every readable image; unreadable ones become Failures in their place, and images that do
+    not look like a digit NotDigit. `threshold` as `reject_threshold=` (None: the checkpoint's)."""
+    cutoff = reject_threshold(threshold, module)
     inputs: dict[int, torch.Tensor] = {}
-    results: list[Prediction | Failure | None] = [None] * len(paths)
+    results: list[Prediction | NotDigit | Failure | None] = [None] * len(paths)
     for i, path in enumerate(paths):
         try:
             inputs[i] = preprocess_image(path)
@@ -142,33 +233,35 @@ def predict_images(
     order = list(inputs)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        digit_probs, sum_probs = class_probabilities(
-            module, torch.stack([inputs[i] for i in chunk]), [numbers[i] for i in chunk]
-        )
+        images = torch.stack([inputs[i] for i in chunk])
+        digit_probs, sum_probs = class_probabilities(module, images, [numbers[i] for i in chunk])
+        scores = not_digit_scores(module, images).tolist()
         for k, i in enumerate(chunk):
-            results[i] = best_prediction(paths[i], numbers[i], digit_probs[k], sum_probs[k])
+            results[i] = best_prediction(
+                paths[i], numbers[i], digit_probs[k], sum_probs[k], scores[k], cutoff
+            )
     return [r for r in results if r is not None]
 
 
-def predict(cfg: DictConfig) -> list[Prediction | Failure]:
+def predict(cfg: DictConfig) -> list[Prediction | NotDigit | Failure]:
     """Print one line per image (text or JSON); raise UserError at the end if any image failed."""
     output_format = cfg.get("format", "text")
     if output_format not in FORMATS:
         raise UserError(f"format={output_format!r} is not one of {', '.join(FORMATS)}.")
+    check_reject_threshold(cfg.get("reject_threshold"))
     if not cfg.get("ckpt_path"):
         raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
     paths = image_paths(cfg.get("image"))
     numbers = numbers_for(cfg.get("number"), len(paths))
     module, _ = load_checkpoint(cfg.ckpt_path)
-
-    results = predict_images(module, paths, numbers)
+    results = predict_images(module, paths, numbers, threshold=cfg.get("reject_threshold"))
     if output_format == "text" and len(results) == 1 and isinstance(results[0], Failure):
         # One image named alone: its error is the one line, not also a count of failures.
         raise UserError(f"{results[0].image}: {results[0].error}")
     for result in results:
         if output_format == "json":
             print(json.dumps(asdict(result)), flush=True)
-        elif isinstance(result, Prediction):
+        elif isinstance(result, Prediction | NotDigit):
             print(result.as_text(), flush=True)
         else:
             print(f"error: {result.image}: {result.error}", file=sys.stderr, flush=True)

@@ -43,6 +43,21 @@ class ConvBackbone(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c3 * 3 * 3, 10))
 
+    def features_and_logits(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(features, digit logits [B, 10]), for "not a digit" (`mnist_adder.models.not_digit`): the output
+        of each conv block but the last [B, C, H, W], then the input of the last linear layer [B, c3 * 9]
+        (the last block's 3x3 map, flattened; dropout is the identity in eval mode)."""
+        maps = []
+        features = image
+        for layer in self.features:
+            features = layer(features)
+            if isinstance(layer, nn.Sequential):  # a conv block; the max pooling is none
+                maps.append(features)
+        *to_linear, linear = self.head
+        for layer in to_linear:
+            features = layer(features)
+        return [*maps[:-1], features], linear(features)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(image))
 

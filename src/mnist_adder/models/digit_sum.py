@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mnist_adder.adder_inputs import accepted_adder_inputs
+from mnist_adder.models.not_digit import NotDigitDetector, detector_features
 
 AdderInput = Literal["logits", "softmax", "detached"]
 # One temperature per head (temperature scaling, Guo et al. 2017), stored as buffers so that they travel
@@ -24,6 +25,10 @@ class DigitSumNet(nn.Module):
     The returned logits are divided by `digit_temperature` and `sum_temperature` (1 unless a checkpoint
     was calibrated, see `mnist_adder.analysis.calibration`). The adder always sees the raw digit output,
     so a temperature changes the probabilities of a head, never its argmax and never the sum.
+
+    `not_digit` scores how little an image looks like a digit (`mnist_adder.models.not_digit`; empty, so
+    no score, until fitted by `mnist_adder.analysis.not_digit`); `forward_with_not_digit` gives it beside
+    the two heads. It reads the backbone's `features_and_logits`, which both backbones define.
     """
 
     digit_temperature: torch.Tensor
@@ -43,6 +48,7 @@ class DigitSumNet(nn.Module):
         # Buffers, not parameters: the optimizer never sees them and parameter counts stay as they were.
         for name in TEMPERATURES:
             self.register_buffer(name, torch.ones(()))
+        self.not_digit = NotDigitDetector()
 
     def set_temperatures(self, digit: float, sum_: float) -> None:
         """Set both heads' temperatures (> 0); 1 and 1 give the raw logits."""
@@ -63,6 +69,27 @@ class DigitSumNet(nn.Module):
         for name in TEMPERATURES:
             state_dict.setdefault(prefix + name, torch.ones(()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def not_digit_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the detector's features [B, F], the raw digit logits [B, 10]) of images [B, 1, 28, 28]."""
+        features, digit_logits = self.backbone.features_and_logits(image)
+        return detector_features(features), digit_logits
+
+    def not_digit_score(self, image: torch.Tensor) -> torch.Tensor:
+        """The not-a-digit score [B] (float64) of images [B, 1, 28, 28]: higher is less like a digit; NaN
+        without a fitted detector."""
+        features, _ = self.not_digit_features(image)
+        if not self.not_digit.fitted:
+            return torch.full_like(features[:, 0], float("nan"))
+        return self.not_digit.score(features)
+
+    def forward_with_not_digit(
+        self, image: torch.Tensor, number_onehot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`'s (digit_logits, sum_logits) and `not_digit_score` (the backbone runs twice: forward
+        stays the one path of training, and the backbone is small)."""
+        digit_logits, sum_logits = self(image, number_onehot)
+        return digit_logits, sum_logits, self.not_digit_score(image)
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         digit_logits = self.backbone(image)

@@ -30,6 +30,19 @@ class SeedBackbone(nn.Module):
             nn.Conv2d(10, 10, 5, bias=False),  # 1x1: no BN, no ReLU, these are the logits
         )
 
+    def features_and_logits(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(features, digit logits [B, 10]), for "not a digit" (`mnist_adder.models.not_digit`): the output
+        of each conv block (its ReLU) but the last [B, C, H, W], then the input of the last conv [B, 250]
+        (the last block's 10x5x5 map, flattened)."""
+        maps = []
+        *to_last, last_conv = self.features
+        features = image
+        for layer in to_last:
+            features = layer(features)
+            if isinstance(layer, nn.ReLU):
+                maps.append(features)
+        return [*maps[:-1], features.flatten(1)], last_conv(features).flatten(1)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.features(image).flatten(1)
 

@@ -25,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
 from mnist_adder.inference.calibrate import fit_temperatures
 from mnist_adder.inference.checkpoint import write_fitted_checkpoint
 from mnist_adder.training.module import DigitSumModule
@@ -41,7 +42,14 @@ def fit_post_training(
     """
     fitted: dict[str, Any] = {}
     if cfg.get("calibrate", True):
-        fitted["calibration"] = fit_temperatures(module, datamodule)
+        fitted["calibration"] = fit_temperatures(module, datamodule)  # sets up the datamodule's splits
+        # The "not a digit" detector: statistics on the training split, threshold on validation digits.
+        fitted["not_digit"] = fit_not_digit_detector(
+            module.net,
+            datamodule.split_tensors("train"),
+            datamodule.split_tensors("val"),
+            cfg.get("not_digit_accept", DEFAULT_ACCEPT),
+        )
     return fitted
 
 

@@ -1,0 +1,246 @@
+""" "Not a digit": the score, its buffers in checkpoints, its fitting, the not-digit set, the measurement."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_adder.analysis import not_digit as analysis
+from mnist_adder.analysis.not_digit import auroc, fit_not_digit_detector
+from mnist_adder.config_checks import config_problems
+from mnist_adder.data.not_digits import (
+    DIGIT_PHOTO_FORMS,
+    LETTERS,
+    NOT_DIGIT_KINDS,
+    SHAPES,
+    digit_photo_set,
+    not_digit_set,
+)
+from mnist_adder.errors import UserError
+from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.inference.predict import reject_threshold
+from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
+from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES
+
+from conftest import compose_config, make_dm
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONES = {
+    "conv": lambda: DigitSumNet(ConvBackbone(), MLPAdder(), "softmax"),
+    "conv_stem": lambda: DigitSumNet(ConvBackbone((12, 24, 64), stem_channels=8), MLPAdder(), "detached"),
+    "seed": lambda: DigitSumNet(SeedBackbone(), SeedAdder(), "logits"),
+}
+
+
+def _fitted_at_random(net: DigitSumNet, kinds: int = 3, seed: int = 0) -> DigitSumNet:
+    """The net with a detector of random linear functions (what fitting stores, without the fitting)."""
+    generator = torch.Generator().manual_seed(seed)
+    features, _ = net.eval().not_digit_features(torch.zeros(1, 1, 28, 28))
+    width = features.shape[1]
+    net.not_digit.set(
+        torch.randn(NUM_DIGIT_CLASSES + kinds, width, generator=generator),
+        torch.randn(NUM_DIGIT_CLASSES + kinds, generator=generator),
+        threshold=0.5,
+    )
+    return net
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_the_detector_travels_in_the_state_dict_and_older_ones_load_without(backbone):
+    images = torch.randn(6, 1, 28, 28)
+    fitted = _fitted_at_random(BACKBONES[backbone]())
+    with torch.inference_mode():
+        score = fitted.not_digit_score(images)
+    assert score.shape == (6,) and torch.isfinite(score).all()
+    # The score is the nearest digit Gaussian's linear function less the nearest not-digit one's.
+    features, _ = fitted.not_digit_features(images)
+    values = features @ fitted.not_digit.weight.T + fitted.not_digit.bias
+    expected = values[:, :NUM_DIGIT_CLASSES].min(1).values - values[:, NUM_DIGIT_CLASSES:].min(1).values
+    assert torch.allclose(score, expected)
+
+    loaded = BACKBONES[backbone]().eval()
+    assert not loaded.not_digit.fitted
+    loaded.load_state_dict(fitted.state_dict())  # the fresh net takes the stored shapes
+    assert loaded.not_digit.fitted and float(loaded.not_digit.threshold) == 0.5
+    with torch.inference_mode():
+        assert torch.equal(loaded.not_digit_score(images), score)
+        # The heads are untouched by the detector.
+        for a, b in zip(loaded(images, torch.eye(10)[:6]), fitted(images, torch.eye(10)[:6]), strict=True):
+            assert torch.equal(a, b)
+
+    # A state dict from before the detector existed loads as "no detector": no score, nothing refused.
+    old = {k: v for k, v in fitted.state_dict().items() if not k.startswith("not_digit.")}
+    older = BACKBONES[backbone]().eval()
+    older.load_state_dict(old)
+    assert not older.not_digit.fitted
+    with torch.inference_mode():
+        assert torch.isnan(older.not_digit_score(images)).all()
+    assert reject_threshold(None, older) is None
+
+
+def test_reject_threshold_values(tmp_path):
+    fitted = _fitted_at_random(BACKBONES["conv"]())
+    assert reject_threshold(None, fitted) == 0.5  # the stored one
+    assert reject_threshold(2, fitted) == 2.0 and reject_threshold(-1.5, fitted) == -1.5
+    assert reject_threshold("off", fitted) is None and reject_threshold("OFF", fitted) is None
+    assert reject_threshold(False, fitted) is None
+    for bad in ("abc", True, float("nan"), float("inf"), [1, 2], "1.5x"):
+        with pytest.raises(UserError, match=r"reject_threshold=.* is not allowed: null"):
+            reject_threshold(bad, fitted)
+    with pytest.raises(UserError, match="no not-a-digit detector"):
+        reject_threshold(3.0, BACKBONES["conv"]())
+    # The same words where the configs are checked (eval, calibrate), with the other new keys.
+    cfg = compose_config(
+        ["reject_threshold=maybe", "not_digits=2", "not_digits_seed=x", "not_digit_accept=1.5"],
+        tmp_path / "run",
+        config_name="eval",
+    )
+    problems = {p.split("=")[0]: p for p in config_problems(cfg)}
+    assert sorted(problems) == ["not_digit_accept", "not_digits", "not_digits_seed", "reject_threshold"]
+    assert problems["reject_threshold"].startswith("reject_threshold='maybe' is not allowed: null")
+    assert problems["not_digit_accept"].startswith("not_digit_accept=1.5 is not allowed: the share")
+
+
+@pytest.mark.parametrize("script", ["predict", "demo"])
+def test_bad_reject_threshold_is_one_error_line(script, tmp_path):
+    # Told before the checkpoint is even looked for (it does not exist here).
+    given = [f"ckpt_path={tmp_path / 'missing.ckpt'}", "reject_threshold=sometimes"]
+    if script == "predict":
+        given += ["image=x.png", "number=1"]
+    result = subprocess.run(
+        [sys.executable, f"scripts/{script}.py", *given],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "error: reject_threshold='sometimes' is not allowed: null (the threshold stored in the "
+        "checkpoint), a number (refuse images whose not-a-digit score is above it) or off (refuse none)."
+    ]
+
+
+def test_the_not_digit_set_is_the_same_from_the_same_seed():
+    first = not_digit_set(seed=5, per_kind=8, letter_repeats=1)
+    again = not_digit_set(seed=5, per_kind=8, letter_repeats=1)
+    other = not_digit_set(seed=6, per_kind=8, letter_repeats=1)
+    assert torch.equal(first.pixels, again.pixels)
+    assert first.kinds == again.kinds and first.descriptions == again.descriptions
+    assert not torch.equal(first.pixels[:32], other.pixels[:32])
+    # Every kind, and every letter once, each made MNIST-like by predict's preprocessing.
+    assert set(first.kinds) == set(NOT_DIGIT_KINDS)
+    letters = [
+        d.split(",")[0].removeprefix("letter ")
+        for k, d in zip(first.kinds, first.descriptions, strict=True)
+        if k == "letters"
+    ]
+    assert sorted(letters) == sorted(LETTERS)
+    assert first.pixels.dtype == torch.uint8 and first.pixels.shape[1:] == (28, 28)
+    assert (first.pixels.flatten(1).max(1).values == 255).all()  # preprocessing stretches the ink
+    assert len(first) + sum(first.refused_by_preprocessing.values()) == 4 * 8 + len(LETTERS)
+    assert first.fonts  # which fonts drew the letters
+
+
+def test_digit_photos_are_the_same_from_the_same_seed(real_data_dir):
+    from mnist_adder.data import load_mnist
+
+    images, labels = load_mnist(real_data_dir, train=False)
+    first = digit_photo_set(images[:12], labels[:12], seed=2)
+    again = digit_photo_set(images[:12], labels[:12], seed=2)
+    assert torch.equal(first.pixels, again.pixels)
+    assert first.kinds == list(DIGIT_PHOTO_FORMS) * 4
+    assert first.descriptions == [f"digit {int(d)}" for d in labels[:12]]
+
+
+def test_auroc_is_the_chance_an_outlier_scores_above_an_inlier():
+    generator = torch.Generator().manual_seed(0)
+    outliers = torch.randint(0, 20, (300,), generator=generator).double()
+    inliers = torch.randint(0, 15, (200,), generator=generator).double()
+    above = (outliers[:, None] > inliers[None]).double().mean()
+    ties = (outliers[:, None] == inliers[None]).double().mean()
+    assert auroc(outliers, inliers) == pytest.approx(float(above + ties / 2), abs=1e-12)
+    assert auroc(torch.tensor([5.0, 6.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+
+
+@pytest.mark.parametrize("backbone", ["conv", "seed"])
+def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, real_data_dir, monkeypatch):
+    # Fewer images than a real fit, for time (an untrained net: the fitting is what is tested).
+    monkeypatch.setattr(analysis, "FIT_PER_KIND", 20)
+    monkeypatch.setattr(analysis, "FIT_LETTER_REPEATS", 1)
+    monkeypatch.setattr(analysis, "FIT_PHOTOS", 60)
+    monkeypatch.setattr(analysis, "THRESHOLD_PHOTOS", 40)
+    dm = make_dm(real_data_dir, val_size=160)
+    train_images, train_labels = dm.split_tensors("train")
+    net = BACKBONES[backbone]().eval()
+    summary = fit_not_digit_detector(
+        net, (train_images[:2000], train_labels[:2000]), dm.split_tensors("val"), accept=0.9
+    )
+    assert net.not_digit.fitted and float(net.not_digit.threshold) == summary["threshold"]
+    # A Gaussian per digit, and per group of not-digits: each noise, the scribbles, each shape, each letter.
+    assert summary["gaussians"][:10] == [str(c) for c in range(10)]
+    assert sorted(summary["gaussians"][10:]) == sorted(
+        ["uniform_noise", "gaussian_noise", "scribbles", *SHAPES, *(f"letter {c}" for c in LETTERS)]
+    )
+    assert net.not_digit.weight.shape[0] == len(summary["gaussians"])
+    # 160 validation digits as files and 40 as photos: the threshold accepts 180 of the 200.
+    assert summary["validation_accepted"] == pytest.approx(0.9, abs=0.006)
+    digits, _ = analysis.threshold_digits(*dm.split_tensors("val"))
+    assert len(digits) == 200
+    scores = analysis.net_outputs(net, analysis.normalize(digits).unsqueeze(1))["not_digit"]
+    assert float((scores <= summary["threshold"]).double().mean()) == summary["validation_accepted"]
+
+
+def test_calibrate_stores_the_detector(calibrated_ckpt):
+    module, _ = load_checkpoint(calibrated_ckpt)
+    summary = torch.load(calibrated_ckpt, weights_only=True)["not_digit"]  # a record of its own, by name
+    assert module.net.not_digit.fitted
+    assert float(module.net.not_digit.threshold) == pytest.approx(summary["threshold"])
+    assert summary["accept"] == 0.99 and summary["validation_accepted"] == pytest.approx(0.99, abs=0.002)
+
+
+@pytest.mark.slow
+def test_eval_measures_the_detector_and_the_baselines(calibrated_ckpt, real_data_dir, tmp_path):
+    from mnist_adder.inference.evaluate import evaluate
+
+    run = tmp_path / "eval"
+    cfg = compose_config(
+        [f"ckpt_path={calibrated_ckpt}", f"paths.data_dir={real_data_dir}", "not_digits=true"],
+        run,
+        config_name="eval",
+    )
+    evaluate(cfg)
+    report = json.loads((run / "not_digits.json").read_text())
+    assert sorted(report["methods"]) == ["energy", "mahalanobis", "max_softmax", "not_digit"]
+    assert report["fitted_here"] is None  # the checkpoint's own detector was measured
+    assert sorted(report["examples"]) == sorted(str(p) for p in (ROOT / "examples" / "digits").iterdir())
+    module, _ = load_checkpoint(calibrated_ckpt)
+    detector = report["methods"]["not_digit"]
+    assert detector["threshold"] == pytest.approx(float(module.net.not_digit.threshold))
+    for method, result in report["methods"].items():
+        assert 0 <= result["auroc_mnist_test"] <= 1 and 0 <= result["not_digits_refused"] <= 1
+        # Every threshold accepts the stated share of the validation digits it was set on.
+        assert result["validation_accepted"] == pytest.approx(0.99, abs=0.002), method
+        counts = report["not_digits"]
+        refused = sum(result["refused_by_kind"][k] * counts[k] for k in counts) / sum(counts.values())
+        assert refused == pytest.approx(result["not_digits_refused"])
+    # On a model trained for 200 steps the detector beats max softmax (Hendrycks & Gimpel's baseline).
+    assert detector["auroc_mnist_test"] > report["methods"]["max_softmax"]["auroc_mnist_test"]
+    assert detector["not_digits_refused"] > report["methods"]["max_softmax"]["not_digits_refused"]
+    # A threshold off is refused: there would be nothing to measure.
+    cfg = compose_config(
+        [
+            f"ckpt_path={calibrated_ckpt}",
+            f"paths.data_dir={real_data_dir}",
+            "not_digits=true",
+            "reject_threshold=off",
+        ],
+        tmp_path / "eval_off",
+        config_name="eval",
+    )
+    with pytest.raises(UserError, match="reject_threshold=off"):
+        evaluate(cfg)
