@@ -26,6 +26,7 @@ METRICS_JSON_KEYS = {
     "test/digit_acc_per_class",
     "test/sum_acc_per_class",
     "ckpt_path",
+    "not_digit_threshold",  # None here: tiny runs fit no detector (not_digit_accept=null)
     "best_val/both_acc",
     "fit_seconds",
     "num_parameters",

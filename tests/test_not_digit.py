@@ -195,6 +195,18 @@ def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, 
     assert float((scores <= summary["threshold"]).double().mean()) == summary["validation_accepted"]
 
 
+def test_training_hands_over_a_detector(trained_run):
+    # not_digit_accept: 0.99 by default: fitted after fit, stored with the weights that were tested.
+    results = json.loads((trained_run / "metrics.json").read_text())
+    checkpoint = torch.load(results["ckpt_path"], weights_only=True)
+    module, _ = load_checkpoint(results["ckpt_path"])
+    assert module.net.not_digit.fitted
+    assert results["not_digit_threshold"] == float(module.net.not_digit.threshold)
+    assert checkpoint["not_digit"]["threshold"] == results["not_digit_threshold"]
+    assert checkpoint["not_digit"]["validation_accepted"] == pytest.approx(0.99, abs=0.002)
+    assert "calibration" in checkpoint  # beside the temperatures, not instead of them
+
+
 def test_calibrate_stores_the_detector(calibrated_ckpt):
     module, _ = load_checkpoint(calibrated_ckpt)
     summary = torch.load(calibrated_ckpt, weights_only=True)["not_digit"]  # a record of its own, by name

@@ -22,7 +22,14 @@ from mnist_adder.analysis.results_page import build_results
 from mnist_adder.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = {"learning_curves.png", "speed.png", "heldout_pairs.png", "reliability.png", "robustness.png"}
+FIGURES = {
+    "learning_curves.png",
+    "speed.png",
+    "heldout_pairs.png",
+    "reliability.png",
+    "robustness.png",
+    "not_digits.png",
+}
 
 
 def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -114,6 +121,36 @@ def write_eval_and_calibrate_runs(logs: Path, train_run: Path) -> None:
     (calibrate_dir / "calibration.json").write_text(json.dumps(summary | {"digit": head, "sum": head}))
 
 
+def write_not_digits_run(eval_dir: Path, train_run: Path, refused: float) -> None:
+    """An eval run with not_digits=true of the run's calibrated checkpoint (the file calibrate writes)."""
+    ckpt = str(train_run / "checkpoints" / "epoch_002.calibrated.ckpt")
+    write_job(eval_dir, "eval", [f"ckpt_path={ckpt}", "not_digits=true"])
+    kinds = {"uniform_noise": 400, "letters": 416}
+
+    def method(auroc: float, share: float) -> dict:
+        return {
+            "auroc_mnist_test": auroc,
+            "auroc_photos": auroc - 0.01,
+            "threshold": 1.5,
+            "not_digits_refused": share,
+            "refused_by_kind": {"uniform_noise": share, "letters": share},
+            "mnist_test_accepted": 0.99,
+            "photos_accepted": 0.98,
+            "validation_accepted": 0.99,
+            "examples_accepted": {"seven.png": True, "two.jpg": share > 0.5},
+            "letters_refused": {"A": share},  # detail the page leaves out
+        }
+
+    report = {
+        "ckpt_path": ckpt,
+        "seed": 0,
+        "examples": ["/somewhere/on/this/machine/seven.png"],
+        "not_digits": kinds,
+        "methods": {"max_softmax": method(0.8, refused / 4), "not_digit": method(0.99, refused)},
+    }
+    (eval_dir / "not_digits.json").write_text(json.dumps(report))
+
+
 @pytest.fixture
 def logs(tmp_path: Path) -> Path:
     """Two configurations of two seeds each, one run tested under corruptions and calibrated."""
@@ -127,6 +164,8 @@ def logs(tmp_path: Path) -> Path:
     for k, ((model, seed), (digit, fit)) in enumerate(runs.items()):
         write_train_run(logs / "sweep" / str(k), model, seed, digit, fit)
     write_eval_and_calibrate_runs(logs, logs / "sweep" / "0")
+    for k, refused in ((0, 0.9), (1, 0.98)):
+        write_not_digits_run(logs / f"eval_not_digits_{k}", logs / "sweep" / str(k), refused)
     return logs
 
 
@@ -144,6 +183,13 @@ def test_page_numbers_come_from_the_runs_and_runs_json_alone_gives_the_same_page
     # Robustness and calibration of the run whose checkpoint they tested, with their numbers.
     assert "| `rotation` | 3 | 45 degrees | 30.00 | 28.00 |" in text
     assert "| `model=small` | logs/sweep/0 | digit | 0.5000 | 0.2000 | 0.1000 | 0.0512 | 0.0034 |" in text
+    # "Not a digit": mean ± std over the two small runs measured, per method; the worst run's examples.
+    assert (
+        "| `model=small` | 2 | not_digit: the detector (this project) | 0.9900 ± 0.0000 | 0.9800 ± 0.0000 "
+        "| 94.0 ± 5.7 | 99.0 ± 0.0 | 98.0 ± 0.0 | 2/2 |" in text
+    ), text
+    assert "| `model=small` | 2 | max softmax (Hendrycks & Gimpel 2017) | 0.8000 ± 0.0000 |" in text
+    assert "| 23.5 ± 1.4 | 99.0 ± 0.0 | 98.0 ± 0.0 | 1/2 |" in text
     assert "python scripts/report.py logs --out out" in text
     assert "python scripts/report.py out/runs.json --out out" in text
 

@@ -234,6 +234,16 @@ def fit_not_digit_detector(
     }
 
 
+def format_not_digit(fitted: dict[str, Any]) -> str:
+    """One line on a fitted detector (`fit_not_digit_detector`'s record), for the logs of training and
+    scripts/calibrate.py."""
+    return (
+        f"Not a digit: threshold {fitted['threshold']:.4f} accepts "
+        f"{100 * fitted['validation_accepted']:.1f} % of the {fitted['threshold_set_on']}; "
+        f"fitted on {fitted['fitted_on']}."
+    )
+
+
 def auroc(outliers: torch.Tensor, inliers: torch.Tensor) -> float:
     """Area under the ROC curve of telling outliers (higher scores) from inliers: the chance that a
     random outlier scores above a random inlier, ties counting half (Mann-Whitney U)."""

@@ -5,10 +5,11 @@ Two steps, so that the page can be rebuilt from committed data alone (logs/ is n
 1. `collect_runs` reads the run folders into one summary, written as `<out>/runs.json`: per training run
    its metrics.json, overrides, config choices and validation curves (from its TensorBoard events), and
    the results of the eval and calibrate runs given beside it that tested one of its checkpoints
-   (robustness.json, calibration.json).
+   (robustness.json, calibration.json, not_digits.json).
 2. `write_results_page` turns that summary, and nothing else, into `<out>/index.md` (the tables of
    `analysis/report.py`) and its matplotlib figures: learning curves, the speed frontier, held-out pairs,
-   reliability diagrams before and after calibration, and accuracy under corruptions.
+   reliability diagrams before and after calibration, accuracy under corruptions, and "not a digit"
+   against its baselines (mean ± std over the runs of a configuration).
 
 `python scripts/report.py <out>/runs.json --out <out>` repeats step 2 and gives the same page.
 """
@@ -16,6 +17,7 @@ Two steps, so that the page can be rebuilt from committed data alone (logs/ is n
 import json
 import math
 import shlex
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from omegaconf import OmegaConf
 
 from mnist_adder.analysis.curves import epoch_curves
+from mnist_adder.analysis.not_digit import METHOD_NAMES
 from mnist_adder.analysis.render import draw_reliability
 from mnist_adder.analysis.report import (
     RUNS_FILE,
@@ -111,6 +114,9 @@ def _attachments(jobs: Sequence[Job], train_dirs: Sequence[Path]) -> tuple[dict[
             report = json.loads(robustness_file.read_text())
             if not str(report.get("ckpt_path", "")).endswith(".calibrated.ckpt"):
                 found.append(("robustness", report))
+        not_digits_file = job.path / "not_digits.json"
+        if task == "eval" and not_digits_file.is_file():
+            found.append(("not_digits", _not_digits_summary(json.loads(not_digits_file.read_text()))))
         calibration_file = job.path / "calibration.json"
         if task == "calibrate" and calibration_file.is_file():
             found.append(("calibration", json.loads(calibration_file.read_text())))
@@ -124,6 +130,37 @@ def _attachments(jobs: Sequence[Job], train_dirs: Sequence[Path]) -> tuple[dict[
             else:
                 attached.setdefault(owner, {})[key] = _portable(report, owner)
     return attached, notes
+
+
+# What the page keeps of each method in not_digits.json (scripts/eval.py not_digits=true).
+NOT_DIGIT_NUMBERS = (
+    "auroc_mnist_test",
+    "auroc_photos",
+    "threshold",
+    "not_digits_refused",
+    "mnist_test_accepted",
+    "photos_accepted",
+    "validation_accepted",
+    "refused_by_kind",
+    "examples_accepted",
+)
+
+
+def _not_digits_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """not_digits.json without what names this machine (the examples' paths, the fonts) or is only
+    detail (per letter, per shape): the numbers the page shows."""
+    return {
+        "ckpt_path": report.get("ckpt_path"),
+        "seed": report["seed"],
+        "not_digits": report["not_digits"],
+        # runs.json is written with sorted keys: the orders of the report, kept as lists.
+        "kinds": list(report["not_digits"]),
+        "method_order": list(report["methods"]),
+        "methods": {
+            method: {key: result[key] for key in NOT_DIGIT_NUMBERS}
+            for method, result in report["methods"].items()
+        },
+    }
 
 
 def collect_runs(
@@ -383,6 +420,84 @@ def _calibration_table(picked: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def _runs_with(group: Group, runs: dict[str, dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [runs[str(j.path)] for j in group.completed if runs[str(j.path)].get(key)]
+
+
+def _mean_std_cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean = statistics.fmean(values) * scale
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _not_digit_table(groups: Sequence[Group], runs: dict[str, dict[str, Any]]) -> str:
+    """Per configuration and method: mean ± std over its runs measured with not_digits=true."""
+    header = (
+        "| configuration | runs | method | AUROC vs MNIST test | AUROC vs photos | not-digits refused % | "
+        "MNIST test accepted % | photos accepted % | examples accepted (worst run) |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for group in groups:
+        measured = _runs_with(group, runs, "not_digits")
+        if not measured:
+            continue
+        for method in measured[0]["not_digits"]["method_order"]:
+            results = [run["not_digits"]["methods"][method] for run in measured]
+            examples = [sum(r["examples_accepted"].values()) for r in results]
+            total = len(results[0]["examples_accepted"])
+            accepted = f"{min(examples)}/{total}"
+            cells = [
+                f"`{group.label}`",
+                str(len(measured)),
+                METHOD_NAMES.get(method, method),
+                _mean_std_cell([r["auroc_mnist_test"] for r in results], 1.0, 4),
+                _mean_std_cell([r["auroc_photos"] for r in results], 1.0, 4),
+                _mean_std_cell([r["not_digits_refused"] for r in results]),
+                _mean_std_cell([r["mnist_test_accepted"] for r in results]),
+                _mean_std_cell([r["photos_accepted"] for r in results]),
+                accepted,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def not_digit_figure(groups: Sequence[Group], runs: dict[str, dict[str, Any]]) -> Figure | None:
+    """Per configuration, the share of each kind of not-digit each method refuses (mean over runs, the
+    bar; std, the whisker)."""
+    measured = [(g.label, m) for g in groups if (m := _runs_with(g, runs, "not_digits"))]
+    if not measured:
+        return None
+    figure = Figure(figsize=(6.5 * len(measured) + 1, 4.8), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(measured), sharey=True))
+    for ax, (label, group_runs) in zip(axes, measured, strict=True):
+        methods = group_runs[0]["not_digits"]["method_order"]
+        kinds = group_runs[0]["not_digits"]["kinds"]
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
+            shares = np.array(
+                [
+                    [100 * run["not_digits"]["methods"][method]["refused_by_kind"][kind] for kind in kinds]
+                    for run in group_runs
+                ]
+            )
+            ax.bar(
+                np.arange(len(kinds)) + (k - (len(methods) - 1) / 2) * width,
+                shares.mean(axis=0),
+                width,
+                yerr=shares.std(axis=0, ddof=1) if len(group_runs) > 1 else None,
+                color=_color(k),
+                label=METHOD_NAMES.get(method, method),
+            )
+        ax.set_xticks(np.arange(len(kinds)), [kind.replace("_", " ") for kind in kinds], fontsize=8)
+        ax.set(ylim=(0, 100))
+        ax.set_title(f"{label} ({len(group_runs)} runs)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("not-digits refused %")
+    _legend_below(figure, axes[0])
+    return figure
+
+
 def _runs_table(summary: dict[str, Any]) -> str:
     """Every run: its folder, config choices that differ from the defaults, seed and test accuracies."""
     lines = ["| run | model | seed | digit acc % | sum acc % | fit s | epochs |", "|" + "---|" * 7]
@@ -462,6 +577,14 @@ def write_results_page(summary: dict[str, Any], out_dir: Path) -> Path:
             + _robustness_table(picked)
         )
         sections.append(("Robustness", _save(robustness_figure(picked), out_dir, "robustness.png"), text))
+    if (figure := not_digit_figure(groups, runs)) is not None:
+        text = (
+            "From `scripts/eval.py not_digits=true` on the runs' checkpoints (docs/not_a_digit.md): the "
+            "detector stored in each checkpoint and the baselines, each baseline's threshold accepting the "
+            "share of validation digits the detector's accepts; mean ± std over the runs measured.\n\n"
+            + _not_digit_table(groups, runs)
+        )
+        sections.append(("Not a digit", _save(figure, out_dir, "not_digits.png"), text))
     for title, image, text in sections:
         parts += ["", f"## {title}", "", f"![{title}]({image})"]
         if text:

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from mnist_adder.analysis.calibration import collect_logits, fit_temperature, nll
-from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
+from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector, format_not_digit
 from mnist_adder.config_checks import check_config
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint, write_fitted_checkpoint
@@ -145,26 +145,20 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     fitted = fit_temperatures(module, datamodule)
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
-    not_digit = fit_not_digit_detector(
-        module.net,
-        datamodule.split_tensors("train"),
-        datamodule.split_tensors("val"),
-        cfg.get("not_digit_accept", DEFAULT_ACCEPT),
-    )
     summary = {"ckpt_path": str(ckpt_path), "calibrated_ckpt_path": str(target)}
     summary |= with_test_results(fitted, before, after, (bins_before, dict(module.calibration_results)))
-    summary["not_digit"] = not_digit
-    records = {"calibration": {"source": str(ckpt_path), **fitted}, "not_digit": not_digit}
+    records: dict[str, Any] = {"calibration": {"source": str(ckpt_path), **fitted}}
+    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    if accept is not None:  # null: the temperatures alone
+        not_digit = fit_not_digit_detector(
+            module.net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept
+        )
+        summary["not_digit"] = records["not_digit"] = not_digit
     write_fitted_checkpoint(ckpt_path, target, module, records)
     write_json_atomic(output_dir / "calibration.json", summary)
     log.info("%s", format_calibration(summary))
-    log.info(
-        "Not a digit: threshold %.4f accepts %.1f %% of the %s; fitted on %s.",
-        not_digit["threshold"],
-        100 * not_digit["validation_accepted"],
-        not_digit["threshold_set_on"],
-        not_digit["fitted_on"],
-    )
+    if accept is not None:
+        log.info("%s", format_not_digit(summary["not_digit"]))
     log.info("Calibrated checkpoint: %s", target)
     log.info("Run folder: %s", output_dir)
     return summary

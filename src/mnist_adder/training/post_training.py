@@ -2,9 +2,11 @@
 
 Today that is temperature scaling (`calibrate: true` in conf/train.yaml): both heads' temperatures,
 fitted on the validation split by `inference.calibrate.fit_temperatures`, the step scripts/calibrate.py
-runs on older checkpoints. Whatever else is fitted on trained weights belongs in `fit_post_training`
-too: it sets what it fits in the module (as buffers of the net, so that it travels in checkpoints and
-exports) and returns a record of it by name, stored in the checkpoint under that name.
+runs on older checkpoints; and the "not a digit" detector (`not_digit_accept: 0.99`), fitted by
+`analysis.not_digit.fit_not_digit_detector`, which scripts/calibrate.py runs too. Whatever else is
+fitted on trained weights belongs in `fit_post_training` too: it sets what it fits in the module (as
+buffers of the net, so that it travels in checkpoints and exports) and returns a record of it by name,
+stored in the checkpoint under that name.
 
 Where it is stored: in the selected checkpoint itself (`<run>/checkpoints/epoch_NNN.ckpt`, the file
 metrics.json's ckpt_path names), rewritten atomically, not in a sibling file. The file that the
@@ -41,14 +43,14 @@ def fit_post_training(
     sees them).
     """
     fitted: dict[str, Any] = {}
+    datamodule.setup("fit")
     if cfg.get("calibrate", True):
-        fitted["calibration"] = fit_temperatures(module, datamodule)  # sets up the datamodule's splits
+        fitted["calibration"] = fit_temperatures(module, datamodule)
+    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    if accept is not None:
         # The "not a digit" detector: statistics on the training split, threshold on validation digits.
         fitted["not_digit"] = fit_not_digit_detector(
-            module.net,
-            datamodule.split_tensors("train"),
-            datamodule.split_tensors("val"),
-            cfg.get("not_digit_accept", DEFAULT_ACCEPT),
+            module.net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept
         )
     return fitted
 

@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer, WeightAveraging
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mnist_adder.analysis.not_digit import format_not_digit
 from mnist_adder.cli import _in_multirun, build
 from mnist_adder.config_checks import check_config, check_resume
 from mnist_adder.errors import UserError
@@ -151,8 +152,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             for name in CHANGED_BY_TEMPERATURE
             if f"test/{name}" in uncalibrated
         }
+    not_digit = fitted.get("not_digit")
     results |= {
         "ckpt_path": ckpt_path or None,
+        # Above it, an image is refused as not a digit (None: no detector, not_digit_accept=null).
+        "not_digit_threshold": not_digit["threshold"] if not_digit else None,
         "best_val/both_acc": float(checkpoint.best_model_score)
         if checkpoint is not None and checkpoint.best_model_score is not None
         else None,
@@ -171,6 +175,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _log_config(logger, module.hparams["config"], test_scalars)
         if calibration is not None:
             log.info("%s", format_calibration(calibration))
+        if not_digit:
+            log.info("%s", format_not_digit(not_digit))
         log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
         # The results, then the calibration summary scripts/calibrate.py also writes (the results page
         # draws its reliability diagrams from it); each whole or not at all.
