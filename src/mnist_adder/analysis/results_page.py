@@ -47,6 +47,7 @@ from mnist_adder.analysis.report import (
     task_name,
     unfinished,
 )
+from mnist_adder.data.not_digits import NOT_DIGIT_KINDS
 from mnist_adder.errors import UserError
 from mnist_adder.results import write_json_atomic
 
@@ -102,7 +103,7 @@ def _owner(ckpt_path: str | None, train_dirs: Sequence[Path]) -> Path | None:
 
 
 def _attachments(jobs: Sequence[Job], train_dirs: Sequence[Path]) -> tuple[dict[Path, dict], list[str]]:
-    """Robustness and calibration results of the eval and calibrate runs, by the training run whose
+    """Robustness, calibration and not-a-digit results of the eval and calibrate runs, by the training run whose
     checkpoint they tested; and a note for each that tested a checkpoint of no run given."""
     attached: dict[Path, dict[str, Any]] = {}
     notes = []
@@ -153,9 +154,6 @@ def _not_digits_summary(report: dict[str, Any]) -> dict[str, Any]:
         "ckpt_path": report.get("ckpt_path"),
         "seed": report["seed"],
         "not_digits": report["not_digits"],
-        # runs.json is written with sorted keys: the orders of the report, kept as lists.
-        "kinds": list(report["not_digits"]),
-        "method_order": list(report["methods"]),
         "methods": {
             method: {key: result[key] for key in NOT_DIGIT_NUMBERS}
             for method, result in report["methods"].items()
@@ -431,6 +429,11 @@ def _mean_std_cell(values: Sequence[float], scale: float = 100.0, digits: int = 
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def _in_order(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """`names` in the order of `order` (JSON files are written with sorted keys), unknown ones last."""
+    return [n for n in order if n in names] + sorted(n for n in names if n not in order)
+
+
 def _not_digit_table(groups: Sequence[Group], runs: dict[str, dict[str, Any]]) -> str:
     """Per configuration and method: mean ± std over its runs measured with not_digits=true."""
     header = (
@@ -442,7 +445,7 @@ def _not_digit_table(groups: Sequence[Group], runs: dict[str, dict[str, Any]]) -
         measured = _runs_with(group, runs, "not_digits")
         if not measured:
             continue
-        for method in measured[0]["not_digits"]["method_order"]:
+        for method in _in_order(measured[0]["not_digits"]["methods"], list(METHOD_NAMES)):
             results = [run["not_digits"]["methods"][method] for run in measured]
             examples = [sum(r["examples_accepted"].values()) for r in results]
             total = len(results[0]["examples_accepted"])
@@ -471,8 +474,8 @@ def not_digit_figure(groups: Sequence[Group], runs: dict[str, dict[str, Any]]) -
     figure = Figure(figsize=(6.5 * len(measured) + 1, 4.8), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(measured), sharey=True))
     for ax, (label, group_runs) in zip(axes, measured, strict=True):
-        methods = group_runs[0]["not_digits"]["method_order"]
-        kinds = group_runs[0]["not_digits"]["kinds"]
+        methods = _in_order(group_runs[0]["not_digits"]["methods"], list(METHOD_NAMES))
+        kinds = _in_order(group_runs[0]["not_digits"]["not_digits"], NOT_DIGIT_KINDS)
         width = 0.8 / len(methods)
         for k, method in enumerate(methods):
             shares = np.array(
@@ -528,8 +531,8 @@ def write_results_page(summary: dict[str, Any], out_dir: Path) -> Path:
         "",
         f"Every number and figure on this page was written by `{summary['generated_by']}` from "
         f"{len(jobs)} training run(s). What it read is kept in [`runs.json`]({RUNS_FILE}) beside this page "
-        "(each run's `metrics.json`, overrides, config choices and validation curves, and the robustness "
-        "and calibration results of its checkpoints), and the page is rebuilt from that file alone with",
+        "(each run's `metrics.json`, overrides, config choices and validation curves, and the robustness, "
+        "calibration and not-a-digit results of its checkpoints), and the page is rebuilt from that file alone with",
         "",
         # tests/test_readme.py runs this command itself, against the committed page.
         "<!-- docs-test: skip (tests/test_readme.py rebuilds this page from runs.json and compares) -->",
