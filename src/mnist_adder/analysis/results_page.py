@@ -103,8 +103,8 @@ def _owner(ckpt_path: str | None, train_dirs: Sequence[Path]) -> Path | None:
 
 
 def _attachments(jobs: Sequence[Job], train_dirs: Sequence[Path]) -> tuple[dict[Path, dict], list[str]]:
-    """Robustness, calibration and not-a-digit results of the eval and calibrate runs, by the training run whose
-    checkpoint they tested; and a note for each that tested a checkpoint of no run given."""
+    """Robustness, calibration and not-a-digit results of the eval and calibrate runs, by the training
+    run whose checkpoint they tested; and a note for each that tested a checkpoint of no run given."""
     attached: dict[Path, dict[str, Any]] = {}
     notes = []
     for job in jobs:
@@ -532,7 +532,8 @@ def write_results_page(summary: dict[str, Any], out_dir: Path) -> Path:
         f"Every number and figure on this page was written by `{summary['generated_by']}` from "
         f"{len(jobs)} training run(s). What it read is kept in [`runs.json`]({RUNS_FILE}) beside this page "
         "(each run's `metrics.json`, overrides, config choices and validation curves, and the robustness, "
-        "calibration and not-a-digit results of its checkpoints), and the page is rebuilt from that file alone with",
+        "calibration and not-a-digit results of its checkpoints), and the page is rebuilt from that file "
+        "alone with",
         "",
         # tests/test_readme.py runs this command itself, against the committed page.
         "<!-- docs-test: skip (tests/test_readme.py rebuilds this page from runs.json and compares) -->",
