@@ -277,6 +277,7 @@ def test_a_real_run_and_eval_report_seen_and_unseen_pairs(real_data_dir, tmp_pat
         f"model/adder={adder}",
         "data.heldout_pairs=one_per_sum",
         "trainer.max_epochs=1",
+        "not_digit_accept=null",  # no detector: not what this test checks
         "trainer.limit_train_batches=25",
         "trainer.check_val_every_n_epoch=1",
         "trainer.limit_val_batches=1",
