@@ -196,6 +196,13 @@ def save_letter(path: Path, letter: str = "K") -> Path:
 
 
 @pytest.fixture(scope="session")
+def handed_over_ckpt(trained_run: Path) -> Path:
+    """The checkpoint `trained_run` hands over (metrics.json's ckpt_path): calibrated, with its "not a
+    digit" detector, as every default training run leaves it."""
+    return Path(json.loads((trained_run / "metrics.json").read_text())["ckpt_path"])
+
+
+@pytest.fixture(scope="session")
 def calibrated_ckpt(trained_run: Path, real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of `trained_run`'s best checkpoint calibrated by scripts/calibrate.py's code: with its
     temperatures and its not-a-digit detector (`<name>.calibrated.ckpt`, beside the copy)."""

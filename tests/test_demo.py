@@ -51,11 +51,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_server(calibrated_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def demo_server(
+    handed_over_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
     """(URL, checkpoint) of `python scripts/demo.py` serving the trained run's best checkpoint, calibrated
     (with its not-a-digit detector)."""
     require_extra("gradio", "demo")
-    ckpt_path = str(calibrated_ckpt)
+    ckpt_path = str(handed_over_ckpt)
     port = _free_port()
     log_path = tmp_path_factory.mktemp("demo") / "server.log"
     env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}

@@ -34,8 +34,8 @@ def _import_onnxruntime():
 
 
 @pytest.fixture(scope="module")
-def exported(calibrated_ckpt, tmp_path_factory):
-    ckpt_path = str(calibrated_ckpt)  # with temperatures and the not-a-digit detector
+def exported(handed_over_ckpt, tmp_path_factory):
+    ckpt_path = str(handed_over_ckpt)  # with temperatures and the not-a-digit detector
     output_dir = tmp_path_factory.mktemp("exported")
     result = subprocess.run(
         [sys.executable, "scripts/export.py", f"ckpt_path={ckpt_path}", f"output_dir={output_dir}"],

@@ -259,8 +259,8 @@ def mixed_folder(tmp_path_factory):
     return folder
 
 
-def test_noise_and_a_letter_are_refused_and_real_digits_read(calibrated_ckpt, mixed_folder):
-    result = run_predict(f"ckpt_path={calibrated_ckpt}", f"image={mixed_folder}", "number=3")
+def test_noise_and_a_letter_are_refused_and_real_digits_read(handed_over_ckpt, mixed_folder):
+    result = run_predict(f"ckpt_path={handed_over_ckpt}", f"image={mixed_folder}", "number=3")
     assert result.returncode == 0, result.stderr[-3000:]  # refusals are results, not errors
     assert "Traceback" not in result.stderr and "error" not in result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
@@ -276,10 +276,10 @@ def test_noise_and_a_letter_are_refused_and_real_digits_read(calibrated_ckpt, mi
         assert lines[str(mixed_folder / name)].startswith(f"number 3 -> digit {digit} ("), name
         assert f"sum {digit + 3} (" in lines[str(mixed_folder / name)]
 
-    as_json = run_predict(f"ckpt_path={calibrated_ckpt}", f"image={mixed_folder}", "number=3", "format=json")
+    as_json = run_predict(f"ckpt_path={handed_over_ckpt}", f"image={mixed_folder}", "number=3", "format=json")
     assert as_json.returncode == 0, as_json.stderr[-3000:]
     results = {Path(r["image"]).name: r for r in map(json.loads, as_json.stdout.splitlines())}
-    module, _ = load_checkpoint(calibrated_ckpt)
+    module, _ = load_checkpoint(handed_over_ckpt)
     threshold = round(float(module.net.not_digit.threshold), 4)
     for name in ("noise.png", "letter_k.png"):
         refused = results[name]
@@ -294,8 +294,8 @@ def test_noise_and_a_letter_are_refused_and_real_digits_read(calibrated_ckpt, mi
         assert read["not_digit_score"] <= read["reject_threshold"] == threshold
 
 
-def test_reject_threshold_overrides_the_stored_one(calibrated_ckpt, mixed_folder):
-    module, _ = load_checkpoint(calibrated_ckpt)
+def test_reject_threshold_overrides_the_stored_one(handed_over_ckpt, mixed_folder):
+    module, _ = load_checkpoint(handed_over_ckpt)
     paths = [str(mixed_folder / "noise.png"), str(mixed_folder / "seven_on_paper.png")]
     stored = predict_images(module, paths, [1, 1])
     assert [type(r) for r in stored] == [NotDigit, Prediction]
@@ -311,6 +311,10 @@ def test_reject_threshold_overrides_the_stored_one(calibrated_ckpt, mixed_folder
     low = predict_images(module, paths, [1, 1], threshold=digit_score - 1)
     assert all(isinstance(r, NotDigit) and r.reject_threshold == round(digit_score - 1, 4) for r in low)
     result = run_predict(
-        f"ckpt_path={calibrated_ckpt}", f"image={paths[0]}", "number=1", "reject_threshold=off", "format=json"
+        f"ckpt_path={handed_over_ckpt}",
+        f"image={paths[0]}",
+        "number=1",
+        "reject_threshold=off",
+        "format=json",
     )
     assert result.returncode == 0 and json.loads(result.stdout)["digit"] in range(10)
