@@ -331,7 +331,15 @@ def test_calibration_with_every_adder(tiny_run, tmp_path):
     copy = tmp_path / "best.ckpt"
     copy.write_bytes(original.read_bytes())
     summary = calibrate(
-        compose_config([f"ckpt_path={copy}", f"paths.data_dir={data_dir}"], tmp_path / "cal", "calibrate")
+        compose_config(
+            [
+                f"ckpt_path={copy}",
+                f"paths.data_dir={data_dir}",
+                "not_digit_accept=null",
+            ],  # temperatures alone
+            tmp_path / "cal",
+            "calibrate",
+        )
     )
     for head in ("digit", "sum"):
         assert summary[head]["temperature"] > 0

@@ -57,7 +57,10 @@ def calibrated(trained_run, real_data_dir, tmp_path_factory):
     original = folder / "best.ckpt"
     shutil.copy(_ckpt(trained_run), original)
     cfg = compose_config(
-        [f"ckpt_path={original}", f"paths.data_dir={real_data_dir}"], folder / "run", config_name="calibrate"
+        # The temperatures alone: the detector calibrate.py also fits is tested in tests/test_not_digit.py.
+        [f"ckpt_path={original}", f"paths.data_dir={real_data_dir}", "not_digit_accept=null"],
+        folder / "run",
+        config_name="calibrate",
     )
     summary = calibrate(cfg)
     return original, Path(summary["calibrated_ckpt_path"]), summary
@@ -304,7 +307,13 @@ def test_calibrating_a_tiny_run_stores_the_fitted_temperatures_in_a_copy(tiny_ru
     original = tmp_path / "best.ckpt"  # a copy: the calibrated file goes beside it, not into the shared run
     shutil.copy(_ckpt(tiny_run), original)
     cfg = compose_config(
-        [f"ckpt_path={original}", f"paths.data_dir={tiny_mnist}"], tmp_path / "run", config_name="calibrate"
+        [
+            f"ckpt_path={original}",
+            f"paths.data_dir={tiny_mnist}",
+            "not_digit_accept=null",
+        ],  # temperatures alone
+        tmp_path / "run",
+        config_name="calibrate",
     )
     summary = calibrate(cfg)
     assert summary["calibrated_ckpt_path"] == str(calibrated_path(original))

@@ -195,6 +195,7 @@ def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, 
     assert float((scores <= summary["threshold"]).double().mean()) == summary["validation_accepted"]
 
 
+@pytest.mark.slow  # trained_run: a real MNIST training with its detector
 def test_training_hands_over_a_detector(trained_run):
     # not_digit_accept: 0.99 by default: fitted after fit, stored with the weights that were tested.
     results = json.loads((trained_run / "metrics.json").read_text())
@@ -207,6 +208,7 @@ def test_training_hands_over_a_detector(trained_run):
     assert "calibration" in checkpoint  # beside the temperatures, not instead of them
 
 
+@pytest.mark.slow  # trained_run: a real MNIST training with its detector
 def test_calibrate_stores_the_detector(calibrated_ckpt):
     module, _ = load_checkpoint(calibrated_ckpt)
     summary = torch.load(calibrated_ckpt, weights_only=True)["not_digit"]  # a record of its own, by name

@@ -259,6 +259,7 @@ def mixed_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # trained_run: a real MNIST training with its detector
 def test_noise_and_a_letter_are_refused_and_real_digits_read(handed_over_ckpt, mixed_folder):
     result = run_predict(f"ckpt_path={handed_over_ckpt}", f"image={mixed_folder}", "number=3")
     assert result.returncode == 0, result.stderr[-3000:]  # refusals are results, not errors
@@ -294,6 +295,7 @@ def test_noise_and_a_letter_are_refused_and_real_digits_read(handed_over_ckpt, m
         assert read["not_digit_score"] <= read["reject_threshold"] == threshold
 
 
+@pytest.mark.slow  # trained_run: a real MNIST training with its detector
 def test_reject_threshold_overrides_the_stored_one(handed_over_ckpt, mixed_folder):
     module, _ = load_checkpoint(handed_over_ckpt)
     paths = [str(mixed_folder / "noise.png"), str(mixed_folder / "seven_on_paper.png")]

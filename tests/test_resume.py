@@ -224,7 +224,7 @@ def test_training_on_from_a_calibrated_checkpoint_trains_the_raw_logits_and_reca
     assert _interrupt(data_dir, run, "SIGINT", 2, False, no_ema) == 1
     calibrated = calibrate(
         compose_config(
-            [f"ckpt_path={last}", f"paths.data_dir={data_dir}"],
+            [f"ckpt_path={last}", f"paths.data_dir={data_dir}", "not_digit_accept=null"],
             tmp_path / "calibrate",
             config_name="calibrate",
         )
