@@ -38,7 +38,7 @@ BACKBONES = {
 def _fitted_at_random(net: DigitSumNet, kinds: int = 3, seed: int = 0) -> DigitSumNet:
     """The net with a detector of random linear functions (what fitting stores, without the fitting)."""
     generator = torch.Generator().manual_seed(seed)
-    features, _ = net.eval().not_digit_features(torch.zeros(1, 1, 28, 28))
+    features = net.eval().not_digit_features(torch.zeros(1, 1, 28, 28))
     width = features.shape[1]
     net.not_digit.set(
         torch.randn(NUM_DIGIT_CLASSES + kinds, width, generator=generator),
@@ -56,7 +56,7 @@ def test_the_detector_travels_in_the_state_dict_and_older_ones_load_without(back
         score = fitted.not_digit_score(images)
     assert score.shape == (6,) and torch.isfinite(score).all()
     # The score is the nearest digit Gaussian's linear function less the nearest not-digit one's.
-    features, _ = fitted.not_digit_features(images)
+    features = fitted.not_digit_features(images)
     values = features @ fitted.not_digit.weight.T + fitted.not_digit.bias
     expected = values[:, :NUM_DIGIT_CLASSES].min(1).values - values[:, NUM_DIGIT_CLASSES:].min(1).values
     assert torch.allclose(score, expected)

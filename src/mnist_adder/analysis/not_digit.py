@@ -42,7 +42,7 @@ from mnist_adder.data.not_digits import (
 )
 from mnist_adder.data.preprocess import preprocess_image, to_mnist_pixels
 from mnist_adder.errors import UserError
-from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES
+from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES, detector_features
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,15 @@ def _net_outputs(net: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(images), BATCH):
         batch = images[start : start + BATCH].to(device).float()
+        # One backbone pass for the detector and the baselines; the net's forward for what predict shows.
         raw_features, logits = net.backbone.features_and_logits(batch)
-        features, _ = net.not_digit_features(batch)
+        features = detector_features(raw_features)
         number = torch.zeros(len(batch), NUM_DIGIT_CLASSES, device=device)
         number[:, 0] = 1
         digit_logits, _ = net(batch, number)
         for name, value in (
             ("features", features),
-            ("not_digit", net.not_digit_score(batch)),
+            ("not_digit", net.not_digit.score(features)),
             ("last_layer", raw_features[-1].flatten(1)),
             ("logits", logits),
             ("probs", digit_logits.float().softmax(dim=-1)),

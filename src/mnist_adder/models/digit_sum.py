@@ -70,18 +70,15 @@ class DigitSumNet(nn.Module):
             state_dict.setdefault(prefix + name, torch.ones(()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def not_digit_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the detector's features [B, F], the raw digit logits [B, 10]) of images [B, 1, 28, 28]."""
-        features, digit_logits = self.backbone.features_and_logits(image)
-        return detector_features(features), digit_logits
+    def not_digit_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The detector's features [B, F] of images [B, 1, 28, 28]."""
+        features, _ = self.backbone.features_and_logits(image)
+        return detector_features(features)
 
     def not_digit_score(self, image: torch.Tensor) -> torch.Tensor:
         """The not-a-digit score [B] (float64) of images [B, 1, 28, 28]: higher is less like a digit; NaN
         without a fitted detector."""
-        features, _ = self.not_digit_features(image)
-        if not self.not_digit.fitted:
-            return torch.full_like(features[:, 0], float("nan"))
-        return self.not_digit.score(features)
+        return self.not_digit.score(self.not_digit_features(image))
 
     def forward_with_not_digit(
         self, image: torch.Tensor, number_onehot: torch.Tensor

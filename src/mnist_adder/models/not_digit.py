@@ -87,7 +87,10 @@ class NotDigitDetector(nn.Module):
         self.threshold = torch.tensor(float(threshold), dtype=torch.float64, device=self.threshold.device)
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        """The not-a-digit score [B] (float64) of `detector_features` [B, F]: higher is less like a digit."""
+        """The not-a-digit score [B] (float64) of `detector_features` [B, F]: higher is less like a digit;
+        NaN before the detector is fitted."""
+        if not self.fitted:
+            return torch.full((len(features),), float("nan"), dtype=torch.float64, device=features.device)
         half_distances = features.double() @ self.weight.T + self.bias  # [B, K], less the common x' P x
         digit = half_distances[:, :NUM_DIGIT_CLASSES].min(dim=1).values
         other = half_distances[:, NUM_DIGIT_CLASSES:].min(dim=1).values
