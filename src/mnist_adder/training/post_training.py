@@ -43,11 +43,11 @@ def fit_post_training(
     sees them).
     """
     fitted: dict[str, Any] = {}
-    datamodule.setup("fit")
     if cfg.get("calibrate", True):
-        fitted["calibration"] = fit_temperatures(module, datamodule)
+        fitted["calibration"] = fit_temperatures(module, datamodule)  # sets up the datamodule's splits
     accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
     if accept is not None:
+        datamodule.setup("fit")  # the splits, where the temperatures did not set them up (calibrate=false)
         # The "not a digit" detector: statistics on the training split, threshold on validation digits.
         fitted["not_digit"] = fit_not_digit_detector(
             module.net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept
