@@ -134,7 +134,7 @@ def tiny_train_overrides(data_dir: Path) -> list[str]:
         "trainer.enable_progress_bar=false",
         "trainer.deterministic=true",
         # No "not a digit" detector: on the tiny data's bars it would be meaningless, and its fit (about
-        # 30 s on 2 cores for real MNIST) is tested with trained_run and in tests/test_not_digit.py.
+        # 24 s on 2 cores for real MNIST) is tested with trained_run and in tests/test_not_digit.py.
         "not_digit_accept=null",
     ]
 
