@@ -15,7 +15,6 @@ from mnist_adder.data.not_digits import (
     DIGIT_PHOTO_FORMS,
     LETTERS,
     NOT_DIGIT_KINDS,
-    SHAPES,
     digit_photo_set,
     not_digit_set,
 )
@@ -23,7 +22,7 @@ from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.predict import reject_threshold
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
-from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES
+from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES, layer_shapes
 
 from conftest import compose_config, make_dm
 
@@ -35,16 +34,15 @@ BACKBONES = {
 }
 
 
-def _fitted_at_random(net: DigitSumNet, kinds: int = 3, seed: int = 0) -> DigitSumNet:
-    """The net with a detector of random linear functions (what fitting stores, without the fitting)."""
+def _fitted_at_random(net: DigitSumNet, hidden: int = 5, seed: int = 0) -> DigitSumNet:
+    """The net with a detector of random layers (what fitting stores, without the fitting)."""
     generator = torch.Generator().manual_seed(seed)
     features = net.eval().not_digit_features(torch.zeros(1, 1, 28, 28))
     width = features.shape[1]
-    net.not_digit.set(
-        torch.randn(NUM_DIGIT_CLASSES + kinds, width, generator=generator),
-        torch.randn(NUM_DIGIT_CLASSES + kinds, generator=generator),
-        threshold=0.5,
-    )
+    shapes = layer_shapes(hidden, width)
+    layers = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    layers["scale"] = layers["scale"].abs() + 0.5
+    net.not_digit.set(layers, threshold=0.5)
     return net
 
 
@@ -55,11 +53,12 @@ def test_the_detector_travels_in_the_state_dict_and_older_ones_load_without(back
     with torch.inference_mode():
         score = fitted.not_digit_score(images)
     assert score.shape == (6,) and torch.isfinite(score).all()
-    # The score is the nearest digit Gaussian's linear function less the nearest not-digit one's.
+    # The score is the classifier's output on the standardised features.
     features = fitted.not_digit_features(images)
-    values = features @ fitted.not_digit.weight.T + fitted.not_digit.bias
-    expected = values[:, :NUM_DIGIT_CLASSES].min(1).values - values[:, NUM_DIGIT_CLASSES:].min(1).values
-    assert torch.allclose(score, expected)
+    detector = fitted.not_digit
+    standardised = (features - detector.mean) / detector.scale
+    hidden = torch.relu(standardised @ detector.hidden_weight.T + detector.hidden_bias)
+    assert torch.allclose(score, hidden @ detector.output_weight + detector.output_bias)
 
     loaded = BACKBONES[backbone]().eval()
     assert not loaded.not_digit.fitted
@@ -79,6 +78,16 @@ def test_the_detector_travels_in_the_state_dict_and_older_ones_load_without(back
     with torch.inference_mode():
         assert torch.isnan(older.not_digit_score(images)).all()
     assert reject_threshold(None, older) is None
+
+    # So does one with the linear discriminant that was the detector before (buffers weight, bias).
+    earlier = dict(old)
+    earlier["not_digit.weight"] = torch.randn(NUM_DIGIT_CLASSES + 3, features.shape[1], dtype=torch.float64)
+    earlier["not_digit.bias"] = torch.randn(NUM_DIGIT_CLASSES + 3, dtype=torch.float64)
+    earlier["not_digit.threshold"] = torch.tensor(2.0, dtype=torch.float64)
+    from_earlier = BACKBONES[backbone]().eval()
+    from_earlier.load_state_dict(earlier)
+    assert not from_earlier.not_digit.fitted
+    assert "not_digit.weight" not in from_earlier.state_dict()
 
 
 def test_reject_threshold_values(tmp_path):
@@ -177,16 +186,21 @@ def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, 
     dm = make_dm(real_data_dir, val_size=160)
     train_images, train_labels = dm.split_tensors("train")
     net = BACKBONES[backbone]().eval()
-    summary = fit_not_digit_detector(
-        net, (train_images[:2000], train_labels[:2000]), dm.split_tensors("val"), accept=0.9
-    )
+    train = (train_images[:2000], train_labels[:2000])
+    random_state = torch.random.get_rng_state()
+    summary = fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9)
     assert net.not_digit.fitted and float(net.not_digit.threshold) == summary["threshold"]
-    # A Gaussian per digit, and per group of not-digits: each noise, the scribbles, each shape, each letter.
-    assert summary["gaussians"][:10] == [str(c) for c in range(10)]
-    assert sorted(summary["gaussians"][10:]) == sorted(
-        ["uniform_noise", "gaussian_noise", "scribbles", *SHAPES, *(f"letter {c}" for c in LETTERS)]
-    )
-    assert net.not_digit.weight.shape[0] == len(summary["gaussians"])
+    assert net.not_digit.hidden_weight.shape == (analysis.HIDDEN_UNITS, summary["features"])
+    # Trained from its own seed: the caller's random state is untouched, and a second fit is the same.
+    assert torch.equal(torch.random.get_rng_state(), random_state)
+    fitted = {k: v.clone() for k, v in net.not_digit.state_dict().items()}
+    fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9)
+    for name, value in net.not_digit.state_dict().items():
+        assert torch.equal(value, fitted[name]), name
+    # Even on this untrained backbone, not-digits it never saw score above most digits.
+    unseen = not_digit_set(seed=7, per_kind=20, letter_repeats=1).pixels
+    unseen_scores = analysis.net_outputs(net, analysis.normalize(unseen).unsqueeze(1))["not_digit"]
+    assert float((unseen_scores > summary["threshold"]).double().mean()) > 0.5
     # 160 validation digits as files and 40 as photos: the threshold accepts 180 of the 200.
     assert summary["validation_accepted"] == pytest.approx(0.9, abs=0.006)
     digits, _ = analysis.threshold_digits(*dm.split_tensors("val"))

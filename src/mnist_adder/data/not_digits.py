@@ -99,16 +99,6 @@ def _as_saved(page: Image.Image, rng: Rng, jpeg_share: float = 0.5) -> Image.Ima
     return Image.open(buffer).convert("RGB")
 
 
-def not_digit_group(kind: str, description: str) -> str:
-    """The finer group of a not-digit, each a Gaussian of the detector: the letter for letters
-    ("letter K"), the shape for shapes ("circle"), the kind for the others."""
-    if kind == "letters":
-        return description.split(",")[0]
-    if kind == "shapes":
-        return description.split(",")[0].split(" ")[0]
-    return kind
-
-
 def uniform_noise(rng: Rng) -> tuple[Image.Image, str]:
     """Every pixel uniform in 0..255, gray or coloured, 28x28 or larger."""
     width, height = _page_size(rng, 28, 128)

@@ -5,6 +5,7 @@ the same files with the same messages. What is fitted after training (the temper
 a checkpoint here too (`write_fitted_checkpoint`), by training and by scripts/calibrate.py alike.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_adder.errors import UserError
 from mnist_adder.results import atomic_path
 from mnist_adder.training.module import DigitSumModule
+
+log = logging.getLogger(__name__)
 
 HOW_TO_GET_ONE = (
     "Pass the .ckpt file of a training run, e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt "
@@ -74,6 +77,14 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
         raise UserError(
             f"the weights in {path} do not fit the model its config describes: {str(err).splitlines()[0]}"
         ) from err
+    if "net.not_digit.weight" in checkpoint["state_dict"]:
+        log.warning(
+            "%s holds the earlier not-a-digit detector (a linear discriminant), which this version no "
+            "longer reads: it refuses nothing. Fit the current one with python scripts/calibrate.py "
+            "ckpt_path=%s",
+            path,
+            path,
+        )
     return module.eval(), config
 
 
