@@ -84,3 +84,6 @@ def test_benchmark_fast_vs_seed_epoch(tiny_mnist, tmp_path):
     assert metrics["fit_seconds"] == row["fast_fit_seconds"]
     assert metrics["best_val/both_acc"] is not None and Path(metrics["ckpt_path"]).is_file()
     assert metrics["test/digit_acc"] == row["fast_test_digit_acc"]
+    # experiment=fast reads digits with test-time shifts: their cost is measured beside the fit.
+    assert row["test_images"] > 0
+    assert row["predict_seconds_shifts"] > row["predict_seconds_plain"] > 0

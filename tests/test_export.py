@@ -14,7 +14,7 @@ import torch
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.export import ExportedNet, export_paths, export_torchscript
+from mnist_adder.inference.export import ExportedNet, export_onnx, export_paths, export_torchscript
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder
 
 from conftest import save_letter, save_noise
@@ -146,6 +146,25 @@ def test_torchscript_of_a_tiny_run_predicts_like_pytorch_at_any_batch_size(tiny_
         with torch.inference_mode():
             for got, want in zip(scripted(image, number_onehot), module(image, number_onehot), strict=True):
                 assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_net_with_test_shifts_exports_them(tmp_path):
+    # experiment=fast's net averages shifted views out of training: the exports must do the same. (No
+    # detector here: the ONNX file then gives NaN scores and refuses nothing, at any batch size.)
+    onnxruntime = _import_onnxruntime()
+    net = DigitSumNet(ConvBackbone(), MLPAdder(), "softmax", test_shifts=True).eval()
+    exported = ExportedNet(net).eval()
+    image, number_onehot = torch.randn(3, 1, 28, 28), torch.eye(10)[:3]
+    with torch.inference_mode():
+        expected = net(image, number_onehot)
+        scripted = torch.jit.load(str(export_torchscript(exported, tmp_path / "net.pt")))
+        for got, want in zip(scripted(image, number_onehot)[:2], expected, strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+    session = onnxruntime.InferenceSession(str(export_onnx(exported, tmp_path / "net.onnx")))
+    outputs = session.run(None, {"image": image.numpy(), "number_onehot": number_onehot.numpy()})
+    for got, want in zip(outputs[:2], expected, strict=True):
+        assert np.allclose(got, want.numpy(), atol=1e-4)
+    assert np.isnan(outputs[2]).all() and not outputs[3].any()
 
 
 def test_files_go_beside_the_checkpoint_unless_told(tmp_path):

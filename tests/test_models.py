@@ -84,3 +84,37 @@ def test_stem_keeps_full_resolution_first_and_the_configured_models_fit_their_bu
     small = hydra.utils.instantiate(compose_config().model).net
     assert n_params(small) <= 25_000  # the budget for the default model
     assert small.backbone.features[0][0].kernel_size == (3, 3)  # the default has the stem
+
+
+def test_test_shifts_average_five_views_out_of_training_and_leave_training_alone():
+    torch.manual_seed(0)
+    plain = DigitSumNet(ConvBackbone(), MLPAdder(), "softmax")
+    shifted = DigitSumNet(ConvBackbone(), MLPAdder(), "softmax", test_shifts=True)
+    shifted.load_state_dict(plain.state_dict())
+    image, number_onehot = torch.randn(6, 1, 28, 28), torch.eye(10)[:6]
+    # Training: the one backbone pass, as without test_shifts (dropout off to compare the two).
+    for net in (plain, shifted):
+        net.train()
+        net.backbone.head[1].p = 0.0
+    for got, want in zip(shifted(image, number_onehot), plain(image, number_onehot), strict=True):
+        assert torch.equal(got, want)
+    # Out of training: the mean log-probabilities of the image and its four one-pixel shifts, which the
+    # adder reads (as their softmax, this net's adder input).
+    shifted.eval()
+    with torch.inference_mode():
+        shifts = ((1, 0), (-1, 0), (0, 1), (0, -1))
+        views = [image] + [torch.roll(image, shift, dims=(2, 3)) for shift in shifts]
+        expected = torch.stack([shifted.backbone(v).log_softmax(-1) for v in views]).mean(0)
+        digit_logits, sum_logits = shifted(image, number_onehot)
+        assert torch.allclose(digit_logits, expected, atol=1e-6)
+        assert torch.allclose(
+            sum_logits, shifted.adder(torch.cat([expected.softmax(-1), number_onehot], -1)), atol=1e-5
+        )
+        # Each image's answer is its own: alone or in a batch, the same.
+        alone = shifted(image[3:4], number_onehot[3:4])[0]
+        assert torch.allclose(alone, digit_logits[3:4], atol=1e-5)
+        assert not torch.allclose(digit_logits, plain.eval()(image, number_onehot)[0], atol=1e-3)
+        # shifts=False (validation, part of training) reads the plain net.
+        unshifted = shifted(image, number_onehot, shifts=False)
+        for got, want in zip(unshifted, plain(image, number_onehot), strict=True):
+            assert torch.equal(got, want)

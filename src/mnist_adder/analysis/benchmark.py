@@ -6,7 +6,8 @@ repeats is reported, so slow drifts of the machine hit both alike.
 
 With `fast=true` it compares instead the whole `experiment=fast` training (scripts/train.py's path: fit
 with its validation and checkpoint selection, then the test), timed by its own Timer as `fit_seconds`,
-with one epoch of the seed network in a bare loop over the same training tensors.
+with one epoch of the seed network in a bare loop over the same training tensors; and the cost of its
+test-time shifts: predicting the test set with them and without, alternately.
 """
 
 import contextlib
@@ -31,6 +32,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import make_batch
+from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.training.train import train
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,38 @@ def _compose_train(cfg: DictConfig, *overrides: str) -> DictConfig:
     )
 
 
+@torch.inference_mode()
+def predict_seconds(net: torch.nn.Module, images: torch.Tensor, batch_size: int) -> float:
+    """Seconds for `net` (in eval mode) to give both heads for every image, in batches of `batch_size`."""
+    numbers = torch.eye(10, device=images.device)[torch.arange(len(images), device=images.device) % 10]
+    _sync(images.device)
+    start = time.perf_counter()
+    for first in range(0, len(images), batch_size):
+        net(images[first : first + batch_size], numbers[first : first + batch_size])
+    _sync(images.device)
+    return time.perf_counter() - start
+
+
+def shifts_cost(ckpt_path: str, cfg: DictConfig, device: torch.device, repeats: int) -> dict[str, float]:
+    """Predicting the test set with the checkpoint's net, with its test-time shifts and without,
+    alternately `repeats` times: the medians."""
+    module, _ = load_checkpoint(ckpt_path)
+    net = module.net.to(device).eval()
+    datamodule = build(cfg.data, "data", on_device=False)
+    datamodule.setup("test")
+    images = datamodule.split_tensors("test")[0].to(device)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for shifts in (True, False):
+            net.test_shifts = shifts
+            seconds[shifts].append(predict_seconds(net, images, int(cfg.data.eval_batch_size)))
+    return {
+        "test_images": len(images),
+        "predict_seconds_shifts": round(statistics.median(seconds[True]), 3),
+        "predict_seconds_plain": round(statistics.median(seconds[False]), 3),
+    }
+
+
 def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
     """`experiment=fast` trained as scripts/train.py does, against one bare-loop epoch of the seed network
     over the same training tensors, alternately, `repeats` times."""
@@ -205,6 +239,8 @@ def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
         "repeats": int(cfg.repeats),
         "device": _describe(device),
     }
+    if fast_cfg.model.net.get("test_shifts") and runs[-1].get("ckpt_path"):
+        row |= shifts_cost(runs[-1]["ckpt_path"], fast_cfg, device, int(cfg.repeats))
     if cfg.format == "json":
         print(json.dumps(row))
     else:
@@ -215,6 +251,12 @@ def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
             f"one bare-loop epoch of the seed network:       {epoch:.2f} s\n"
             f"fast_vs_seed_epoch: {row['fast_vs_seed_epoch']:.3f}"
         )
+        if "predict_seconds_shifts" in row:
+            print(
+                f"test-time shifts: predicting the {row['test_images']:,} test digits takes "
+                f"{row['predict_seconds_shifts']:.2f} s with them, {row['predict_seconds_plain']:.2f} s "
+                f"without ({row['predict_seconds_shifts'] / row['predict_seconds_plain']:.1f}x)"
+            )
     return row
 
 
