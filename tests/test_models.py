@@ -118,3 +118,18 @@ def test_test_shifts_average_five_views_out_of_training_and_leave_training_alone
         unshifted = shifted(image, number_onehot, shifts=False)
         for got, want in zip(unshifted, plain(image, number_onehot), strict=True):
             assert torch.equal(got, want)
+
+
+def test_the_fast_preset_tests_with_shifts_and_validates_without(monkeypatch):
+    module = hydra.utils.instantiate(compose_config(["experiment=fast"]).model).eval()
+    assert module.net.test_shifts
+    reads = []
+    original = module.net.shift_averaged_logits
+    monkeypatch.setattr(module.net, "shift_averaged_logits", lambda image: reads.append(1) or original(image))
+    labels = torch.arange(4)
+    numbers = torch.eye(10)[:4]
+    batch = (torch.randn(4, 1, 28, 28), numbers, labels, torch.eye(19)[labels + torch.arange(4)])
+    module._step(batch, "val")
+    assert reads == []  # validation is part of training: the plain net
+    module._step(batch, "test")
+    assert reads == [1]

@@ -106,9 +106,12 @@ class DigitSumModule(pl.LightningModule):
     def _step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, digit predictions and sum predictions of one batch; updates the stage's metrics."""
         image, number_onehot, label, sum_onehot = batch
-        # Validation is part of training (checkpoint selection, early stopping) and its time counts in
-        # the fit: it reads the plain net, test-time shifts (if the net has them) are for test and use.
-        digit_logits, sum_logits = self.net(image, number_onehot, shifts=stage != "val")
+        if stage == "val" and getattr(self.net, "test_shifts", False):
+            # Validation is part of training (checkpoint selection, early stopping) and its time counts
+            # in the fit: it reads the plain net; test-time shifts are for test and use.
+            digit_logits, sum_logits = self.net(image, number_onehot, shifts=False)
+        else:
+            digit_logits, sum_logits = self.net(image, number_onehot)
         sum_label = sum_onehot.argmax(dim=-1)
         smoothing = self.label_smoothing if stage == "train" else 0.0
         digit_loss = F.cross_entropy(digit_logits, label, label_smoothing=smoothing)
