@@ -9,11 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from mnist_adder.cli import guarded, run_hydra_main
+from mnist_adder.config_checks import check_config
 
 
 @hydra.main(config_path="../conf", config_name="calibrate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    # Imported here, after Hydra has composed the config: a typo is told before torch and Lightning load.
+    # Checked, then imported: a typo or a bad value is told before torch and Lightning load (seconds).
+    guarded(check_config, cfg)
     from mnist_adder.inference.calibrate import calibrate
 
     guarded(calibrate, cfg)

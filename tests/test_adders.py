@@ -25,7 +25,7 @@ from mnist_adder.models.adders import LOG_PROB_FLOOR
 from mnist_adder.training.metrics import SumCoherenceGap
 from mnist_adder.training.train import train
 
-from conftest import compose_config, make_tiny_mnist, require_extra, tiny_train_overrides
+from conftest import NO_DETECTOR, compose_config, make_tiny_mnist, require_extra, tiny_train_overrides
 from test_config import choices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_digits_learned_from_sums_alone_are_the_digits(real_data_dir, tmp_path, 
         f"model/adder={adder}",
         "model.digit_weight=0",
         "trainer.max_epochs=1",
-        "not_digit_accept=null",  # no detector: not what this test checks
+        *NO_DETECTOR,
         "trainer.limit_train_batches=25",
         "trainer.check_val_every_n_epoch=1",
         "trainer.limit_val_batches=1",
@@ -350,6 +350,7 @@ def test_calibration_with_every_adder(tiny_run, tmp_path):
     )
 
 
+@pytest.mark.slow  # the ONNX export takes seconds per adder
 def test_onnx_and_torchscript_exports_predict_like_pytorch_with_every_adder(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
     module, _ = load_checkpoint(json.loads((run_dir / "metrics.json").read_text())["ckpt_path"])

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import NO_DETECTOR
+
 ROOT = Path(__file__).resolve().parents[1]
 # Honest floors for 300 steps of batch 128 (under one epoch; chance is 10 % and about 10 %):
 # the small model reaches about 98 % on both here, so these catch a broken pipeline, not noise.
@@ -24,7 +26,7 @@ def test_train_script_on_real_mnist(real_data_dir, tmp_path):
         f"paths.data_dir={real_data_dir}",
         f"hydra.run.dir={run_dir}",
         "trainer.max_epochs=1",
-        "not_digit_accept=null",  # no detector: not what this test checks
+        *NO_DETECTOR,
         "trainer.limit_train_batches=300",
         "data.batch_size=128",
         "trainer.enable_progress_bar=false",

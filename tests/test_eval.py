@@ -15,7 +15,7 @@ from mnist_adder.inference.evaluate import evaluate
 from mnist_adder.training.module import DigitSumModule
 from mnist_adder.training.train import train
 
-from conftest import compose_config
+from conftest import NO_DETECTOR, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_eval_takes_precision_from_the_checkpoint(tiny_mnist, tmp_path):
             [
                 *data,
                 "trainer.max_epochs=1",
-                "not_digit_accept=null",  # no detector: not what this test checks
+                *NO_DETECTOR,
                 "trainer.precision=bf16-mixed",
                 "trainer.enable_progress_bar=false",
             ],

@@ -148,6 +148,7 @@ def test_torchscript_of_a_tiny_run_predicts_like_pytorch_at_any_batch_size(tiny_
                 assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow  # the ONNX export takes seconds
 def test_a_net_with_test_shifts_exports_them(tmp_path):
     # experiment=fast's net averages shifted views out of training: the exports must do the same. (No
     # detector here: the ONNX file then gives NaN scores and refuses nothing, at any batch size.)

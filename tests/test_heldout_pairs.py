@@ -22,7 +22,7 @@ from mnist_adder.heldout import HELDOUT_PRESETS, ONE_PER_SUM, RANDOM25, heldout_
 from mnist_adder.training.module import DigitSumModule
 from mnist_adder.training.train import train
 
-from conftest import make_dm
+from conftest import NO_DETECTOR, make_dm
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEN, UNSEEN = "test/sum_acc_seen_pairs", "test/sum_acc_unseen_pairs"
@@ -277,7 +277,7 @@ def test_a_real_run_and_eval_report_seen_and_unseen_pairs(real_data_dir, tmp_pat
         f"model/adder={adder}",
         "data.heldout_pairs=one_per_sum",
         "trainer.max_epochs=1",
-        "not_digit_accept=null",  # no detector: not what this test checks
+        *NO_DETECTOR,
         "trainer.limit_train_batches=25",
         "trainer.check_val_every_n_epoch=1",
         "trainer.limit_val_batches=1",

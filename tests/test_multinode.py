@@ -19,7 +19,7 @@ import torch
 
 from mnist_adder.training.local_nodes import free_port, node_command, train_overrides
 
-from conftest import make_tiny_mnist, tiny_data_overrides
+from conftest import NO_DETECTOR, make_tiny_mnist, tiny_data_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def _overrides(data_dir: Path) -> list[str]:
     return [
         *tiny_data_overrides(data_dir),
         f"trainer.max_epochs={EPOCHS}",
-        "not_digit_accept=null",  # no detector: not what this test checks
+        *NO_DETECTOR,
         f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
         "trainer.limit_val_batches=1",
         "trainer.deterministic=true",

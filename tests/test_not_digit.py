@@ -176,7 +176,7 @@ def test_auroc_is_the_chance_an_outlier_scores_above_an_inlier():
     assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
 
 
-@pytest.mark.parametrize("backbone", ["conv", "seed"])
+@pytest.mark.parametrize("backbone", ["conv", pytest.param("seed", marks=pytest.mark.slow)])
 def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, real_data_dir, monkeypatch):
     # Fewer images than a real fit, for time (an untrained net: the fitting is what is tested).
     monkeypatch.setattr(analysis, "FIT_PER_KIND", 20)

@@ -15,13 +15,13 @@ from mnist_adder.results import write_json_atomic
 from mnist_adder.training.run_dir import claim_output_dir
 from mnist_adder.training.train import train
 
-from conftest import compose_config
+from conftest import compose_config, tiny_debug_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def debug_run(data_dir: Path, *extra: str) -> list[str]:
-    return ["trainer=debug", f"paths.data_dir={data_dir}", "data.val_size=50", *extra]
+    return [*tiny_debug_overrides(data_dir), *extra]
 
 
 @pytest.mark.slow

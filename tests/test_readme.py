@@ -212,6 +212,7 @@ def test_ci_runs_the_readme_test_command_and_builds_the_docs():
     assert any(line.startswith("mkdocs build --strict") for line in ci_lines)
 
 
+@pytest.mark.slow  # draws every figure of the page again: 20 s on 2 cores
 def test_results_page_is_what_the_report_writes_from_runs_json(tmp_path):
     """Numbers on the results page come only from the report command: from the committed runs.json it
     writes the same page; without a runs.json the page is the placeholder, which holds no number."""

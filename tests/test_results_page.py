@@ -233,6 +233,11 @@ def test_report_says_what_is_wrong_with_its_input(logs, tmp_path):
     bad.write_text(json.dumps({"runs": []}))
     with pytest.raises(UserError, match=r"is not a runs\.json of this version"):
         build_results([bad], tmp_path / "out")
+
+
+@pytest.mark.slow  # a script in a subprocess, past its imports (seconds)
+def test_report_on_a_broken_runs_json_is_one_error_line(tmp_path):
+    bad = tmp_path / "runs.json"
     bad.write_text("{")
     result = run_script("scripts/report.py", str(bad), "--out", str(tmp_path / "out"))
     assert (

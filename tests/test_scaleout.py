@@ -23,7 +23,7 @@ from mnist_adder.training.local_nodes import node_command, train_overrides, wait
 from mnist_adder.training.scaleout import check_process_launch
 from mnist_adder.training.train import instantiate_group
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, NO_DETECTOR
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = "pytorch_lightning.strategies.DDPStrategy"
@@ -58,7 +58,7 @@ def test_ddp_cpu_trains_in_one_folder_and_reduces_test_metrics_over_both_process
             "data.batch_size=50",
             "data.eval_batch_size=40",
             "trainer.max_epochs=2",
-            "not_digit_accept=null",  # no detector: not what this test checks
+            *NO_DETECTOR,
             "trainer.enable_progress_bar=false",
         ],
         cwd=ROOT,

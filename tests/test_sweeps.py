@@ -18,13 +18,15 @@ from mnist_adder.errors import UserError
 from mnist_adder.training.jobs import JOB_STATUS_FILE, JobStatusCallback
 from mnist_adder.training.sweep import check_optimized_metric, optimized_value
 
+from conftest import NO_DETECTOR
+
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps on the tiny IDX files: each run takes seconds, and every output a real run has.
 FAST = [
     "data.batch_size=50",
     "data.eval_batch_size=40",
     "trainer.max_epochs=2",
-    "not_digit_accept=null",  # no detector: not what this test checks
+    *NO_DETECTOR,
     "trainer.enable_progress_bar=false",
 ]
 SEARCHED = ("model.optimizer.lr", "data.batch_size", "model.sum_weight", "model.net.backbone.channels")

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mnist_adder import devices
 from mnist_adder.training.train import train
 
-from conftest import compose_config
+from conftest import NO_DETECTOR, compose_config, tiny_debug_overrides
 from test_config import choices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ TEST_METRICS = ("test/digit_acc", "test/sum_acc", "test/both_acc", "test/loss")
 
 @pytest.mark.parametrize("model", choices("model"))
 def test_fast_dev_run_every_model(make_cfg, tiny_mnist, model):
-    cfg = make_cfg([f"model={model}", "trainer=debug", f"paths.data_dir={tiny_mnist}", "data.val_size=50"])
+    cfg = make_cfg([f"model={model}", *tiny_debug_overrides(tiny_mnist)])
     results = train(cfg)
     for key in TEST_METRICS:
         assert 0.0 <= results[key] <= 1.0 or key == "test/loss"
@@ -40,6 +40,7 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tiny_mni
             "trainer.max_epochs=2",
             "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=1",
+            *NO_DETECTOR,
         ]
     )
     results = train(cfg)
@@ -60,7 +61,7 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(make_cfg, tiny_mni
 
 
 def test_seed_zero_is_a_seed(tiny_mnist, tmp_path):
-    overrides = ["trainer=debug", f"paths.data_dir={tiny_mnist}", "data.val_size=50", "seed=0"]
+    overrides = [*tiny_debug_overrides(tiny_mnist), "seed=0"]
     # Two folders: a run never writes into another run's folder.
     first = train(compose_config(overrides, tmp_path / "first"))
     second = train(compose_config(overrides, tmp_path / "second"))
@@ -105,6 +106,7 @@ def test_gpu_presets_train_on_the_cpu(make_cfg, tiny_mnist, preset, monkeypatch)
             f"paths.data_dir={tiny_mnist}",
             "data.val_size=50",
             "+callbacks.preset_probe._target_=test_train.PresetProbe",
+            *NO_DETECTOR,
         ]
     )
     assert (cfg.trainer.precision, cfg.trainer.benchmark, cfg.data.on_device) == ("bf16-mixed", True, True)

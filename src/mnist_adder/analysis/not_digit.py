@@ -17,6 +17,7 @@ same validation digits: the maximum softmax probability (Hendrycks & Gimpel 2017
 (Lee et al. 2018, class means and shared covariance from the training split).
 """
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from mnist_adder.data.not_digits import (
     DEFAULT_FONT,
     DIGIT_PHOTO_FORMS,
     NOT_DIGIT_KINDS,
+    ImageSet,
     digit_photo_set,
     font_files,
     font_name,
@@ -208,6 +210,13 @@ def fitting_fonts(fonts: Sequence[str]) -> list[str]:
     return list(fonts[::2])
 
 
+@functools.lru_cache(maxsize=1)
+def _fitting_not_digits(per_kind: int, letter_repeats: int, fonts: tuple[str, ...]) -> ImageSet:
+    """The synthetic not-digits of every fit, drawn once per process (8 s on 2 cores): the jobs of a
+    sweep in one process, and the tests, share them. The same arguments draw the same set anyway."""
+    return not_digit_set(seed=FIT_SEED, per_kind=per_kind, letter_repeats=letter_repeats, fonts=list(fonts))
+
+
 def fit_not_digit_detector(
     net: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -227,12 +236,8 @@ def fit_not_digit_detector(
     photos = digit_photo_set(
         as_pixels(train_images[:FIT_PHOTOS]), train_labels[:FIT_PHOTOS].cpu(), seed=FIT_SEED
     )
-    not_digits = not_digit_set(
-        seed=FIT_SEED,
-        per_kind=FIT_PER_KIND,
-        letter_repeats=FIT_LETTER_REPEATS,
-        fonts=fitting_fonts(font_files() or [DEFAULT_FONT]),
-    )
+    fonts = tuple(fitting_fonts(font_files() or [DEFAULT_FONT]))
+    not_digits = _fitting_not_digits(FIT_PER_KIND, FIT_LETTER_REPEATS, fonts)
     digit_features = torch.cat(
         [net_outputs(net, images)["features"] for images in (train_images, _model_input(photos.pixels))]
     )
