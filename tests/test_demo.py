@@ -292,7 +292,7 @@ def test_noise_and_a_letter_show_predicts_refusal(demo_server, tmp_path):
     client_module = require_extra("gradio_client", "demo")
     url, ckpt_path = demo_server
     client = client_module.Client(url, verbose=False)
-    for path in (save_noise(tmp_path / "noise.png"), save_letter(tmp_path / "letter_k.png")):
+    for path in (save_noise(tmp_path / "noise.png"), save_letter(tmp_path / "letter_w.png")):
         want = _predict_file(ckpt_path, path, 3)
         assert isinstance(want, NotDigit)
         message, digit, total, seen = client.predict(

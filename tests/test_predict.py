@@ -145,7 +145,11 @@ def test_a_folder_of_digits_and_their_labels_file(model_and_digits, real_data_di
         rows[name] = int(labels[7 * i])
     (folder / "labels.csv").write_text("file,label\n" + "".join(f"{n},{d}\n" for n, d in rows.items()))
 
-    result = run_predict(f"ckpt_path={ckpt_path}", f"image={folder}", "number=3", "format=json")
+    # reject_threshold=off: this tests reading a folder; about 1 % of real digits are refused by design
+    # (the threshold accepts 99 % of validation digits), which tests/test_not_digit.py measures.
+    result = run_predict(
+        f"ckpt_path={ckpt_path}", f"image={folder}", "number=3", "format=json", "reject_threshold=off"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not [line for line in result.stderr.splitlines() if line.startswith("error")]
@@ -253,7 +257,7 @@ def mixed_folder(tmp_path_factory):
     """A folder of a noise image, a typed letter and the example digits (copied)."""
     folder = tmp_path_factory.mktemp("mixed")
     save_noise(folder / "noise.png")
-    save_letter(folder / "letter_k.png")
+    save_letter(folder / "letter_w.png")
     for name in EXAMPLE_DIGITS:
         (folder / name).write_bytes((ROOT / "examples" / "digits" / name).read_bytes())
     return folder
@@ -265,8 +269,8 @@ def test_noise_and_a_letter_are_refused_and_real_digits_read(handed_over_ckpt, m
     assert result.returncode == 0, result.stderr[-3000:]  # refusals are results, not errors
     assert "Traceback" not in result.stderr and "error" not in result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
-    assert sorted(Path(p).name for p in lines) == sorted(["noise.png", "letter_k.png", *EXAMPLE_DIGITS])
-    for name in ("noise.png", "letter_k.png"):
+    assert sorted(Path(p).name for p in lines) == sorted(["noise.png", "letter_w.png", *EXAMPLE_DIGITS])
+    for name in ("noise.png", "letter_w.png"):
         text = lines[str(mixed_folder / name)]
         assert re.fullmatch(
             r"not a digit \(score (-?[\d.]+) > threshold (-?[\d.]+)\): does not look like a handwritten "
@@ -282,7 +286,7 @@ def test_noise_and_a_letter_are_refused_and_real_digits_read(handed_over_ckpt, m
     results = {Path(r["image"]).name: r for r in map(json.loads, as_json.stdout.splitlines())}
     module, _ = load_checkpoint(handed_over_ckpt)
     threshold = round(float(module.net.not_digit.threshold), 4)
-    for name in ("noise.png", "letter_k.png"):
+    for name in ("noise.png", "letter_w.png"):
         refused = results[name]
         assert list(refused) == [*PREDICTION_KEYS, "not_digit_score", "reject_threshold", "reason"]
         assert [refused[k] for k in ("digit", "digit_prob", "sum", "sum_prob")] == [None] * 4
