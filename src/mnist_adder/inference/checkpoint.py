@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.errors import UserError
+from mnist_adder.models.not_digit import EARLIER_BUFFERS
 from mnist_adder.results import atomic_path
 from mnist_adder.training.module import DigitSumModule
 
@@ -77,7 +78,7 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
         raise UserError(
             f"the weights in {path} do not fit the model its config describes: {str(err).splitlines()[0]}"
         ) from err
-    if "net.not_digit.weight" in checkpoint["state_dict"]:
+    if any(f"net.not_digit.{name}" in checkpoint["state_dict"] for name in EARLIER_BUFFERS):
         log.warning(
             "%s holds the earlier not-a-digit detector (a linear discriminant), which this version no "
             "longer reads: it refuses nothing. Fit the current one with python scripts/calibrate.py "

@@ -108,12 +108,8 @@ class DigitSumNet(nn.Module):
         digits sit in a 20x20 box with a 4-pixel background margin, so a roll wraps background only."""
         # One backbone pass per view: on the CPU a pass over 5B images at once is slower than five over B
         # (measured: 0.28 s against 5 x 0.03 s for B = 2000).
-        log_probs = self.backbone(image).log_softmax(dim=-1)
-        for shift in SHIFTS:
-            log_probs = log_probs + self.backbone(torch.roll(image, shifts=shift, dims=(2, 3))).log_softmax(
-                dim=-1
-            )
-        return log_probs / (len(SHIFTS) + 1)
+        views = [image, *(torch.roll(image, shifts=shift, dims=(2, 3)) for shift in SHIFTS)]
+        return torch.stack([self.backbone(view).log_softmax(dim=-1) for view in views]).mean(dim=0)
 
     def forward(
         self, image: torch.Tensor, number_onehot: torch.Tensor, shifts: bool = True

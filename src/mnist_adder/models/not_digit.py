@@ -84,9 +84,9 @@ class NotDigitDetector(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in DETECTOR_BUFFERS:
-            shape = {"hidden_weight": (0, 0), "output_bias": (), "threshold": ()}.get(name, (0,))
-            # 0, not NaN, while unfitted: a NaN buffer is never equal to itself, and checkpoints are compared.
+        # Empty layers while unfitted; threshold 0, not NaN: a NaN buffer is never equal to itself, and
+        # checkpoints are compared.
+        for name, shape in {**layer_shapes(0, 0), "threshold": ()}.items():
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float64))
 
     @property
