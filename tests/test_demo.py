@@ -5,6 +5,7 @@ the same files (same loader, same preprocessing, same probabilities); bad input 
 and an image that is not a digit predict's refusal.
 """
 
+import ast
 import json
 import os
 import shutil
@@ -33,6 +34,11 @@ from conftest import compose_config, require_extra, save_letter, save_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 300  # importing Gradio and torch on a busy 2-core machine
+# Every wait on the running demo, ours rather than a library's default (Playwright's 5 s for `expect`,
+# httpx's 5 s under gradio_client, no limit at all on a client's result): a prediction on a 2-core
+# machine running two test workers can take several seconds.
+WAIT_S = 120
+BROWSER_WAIT_MS = WAIT_S * 1000
 NUM_DIGITS_ASKED = 20
 
 
@@ -42,6 +48,16 @@ def _serving(url: str) -> bool:
             return response.status == 200
     except OSError:  # refused while starting, or a timeout
         return False
+
+
+def _client(client_module, url: str):
+    """A gradio_client Client whose HTTP requests wait WAIT_S, not httpx's default."""
+    return client_module.Client(url, verbose=False, httpx_kwargs={"timeout": WAIT_S})
+
+
+def _ask(client, *inputs, api_name: str) -> tuple:
+    """The demo's answer to one call, waited for at most WAIT_S (`Client.predict` waits without a limit)."""
+    return client.submit(*inputs, api_name=api_name).result(timeout=WAIT_S)
 
 
 def _free_port() -> int:
@@ -203,7 +219,7 @@ def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
     client_module = require_extra("gradio_client", "demo")
     url, ckpt_path = demo_server
     module, _ = load_checkpoint(ckpt_path)
-    client = client_module.Client(url, verbose=False)
+    client = _client(client_module, url)
 
     images, _ = load_mnist(real_data_dir, train=False)
     indices = [int(path.stem.rsplit("_", 1)[1]) for path, _ in digit_files]
@@ -221,8 +237,8 @@ def test_client_gets_what_predict_gets(demo_server, digit_files, real_data_dir):
     for (path, number), want, tensor_digit, tensor_sum in zip(
         digit_files, expected, digit_logits.argmax(1), sum_logits.argmax(1), strict=True
     ):
-        message, digit, total, seen = client.predict(
-            client_module.handle_file(str(path)), number, api_name="/predict_upload"
+        message, digit, total, seen = _ask(
+            client, client_module.handle_file(str(path)), number, api_name="/predict_upload"
         )
         # Predict's own line for this file, its digit and sum on top of the bars with predict's probabilities
         # (or, for a digit refused as not one, about 1 in 100, the refusal where they would be).
@@ -252,12 +268,12 @@ def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_ser
 ):
     client_module = require_extra("gradio_client", "demo")
     url, ckpt_path = demo_server
-    client = client_module.Client(url, verbose=False)
+    client = _client(client_module, url)
 
     blank = tmp_path / "blank.png"
     Image.new("RGBA", (200, 200), (0, 0, 0, 0)).save(blank)  # an untouched sketchpad: all transparent
     drawing = {"background": None, "layers": [], "composite": client_module.handle_file(str(blank))}
-    message, digit, total, seen = client.predict(drawing, 3, api_name="/predict_drawing")
+    message, digit, total, seen = _ask(client, drawing, 3, api_name="/predict_drawing")
     blank_failure = _predict_file(ckpt_path, blank, 3)
     assert isinstance(blank_failure, Failure) and blank_failure.error.startswith("no digit found")
     assert message == f"error: drawing: {blank_failure.error}"
@@ -265,7 +281,7 @@ def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_ser
 
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture\n")
-    message, *outputs = client.predict(client_module.handle_file(str(notes)), 3, api_name="/predict_upload")
+    message, *outputs = _ask(client, client_module.handle_file(str(notes)), 3, api_name="/predict_upload")
     failure = _predict_file(ckpt_path, notes, 3)
     assert isinstance(failure, Failure) and failure.error.startswith("not an image")
     assert message == f"error: notes.txt: {failure.error}" and not any(outputs)
@@ -281,7 +297,7 @@ def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_ser
         "layers": [],
         "composite": client_module.handle_file(str(tmp_path / "drawn.png")),
     }
-    message, digit, total, seen = client.predict(drawing, number, api_name="/predict_drawing")
+    message, digit, total, seen = _ask(client, drawing, number, api_name="/predict_drawing")
     want = _predict_file(ckpt_path, tmp_path / "drawn.png", number, shown_as="drawing")
     assert isinstance(want, Prediction)
     assert message == want.as_text() and int(digit["label"]) == want.digit
@@ -291,12 +307,12 @@ def test_blank_drawing_and_non_image_show_predicts_message_and_the_app_keeps_ser
 def test_noise_and_a_letter_show_predicts_refusal(demo_server, tmp_path):
     client_module = require_extra("gradio_client", "demo")
     url, ckpt_path = demo_server
-    client = client_module.Client(url, verbose=False)
+    client = _client(client_module, url)
     for path in (save_noise(tmp_path / "noise.png"), save_letter(tmp_path / "letter_w.png")):
         want = _predict_file(ckpt_path, path, 3)
         assert isinstance(want, NotDigit)
-        message, digit, total, seen = client.predict(
-            client_module.handle_file(str(path)), 3, api_name="/predict_upload"
+        message, digit, total, seen = _ask(
+            client, client_module.handle_file(str(path)), 3, api_name="/predict_upload"
         )
         # Predict's refusal, and "not a digit" where the digit and the sum would be; what it saw is shown.
         assert message == want.as_text() and message.startswith(f"{path.name}: not a digit (score ")
@@ -322,17 +338,25 @@ def test_browser_upload_shows_digit_and_sum(demo_server, digit_files):
 
     with sync_api.sync_playwright() as playwright:
         # Debian's Chromium: Playwright's own browser download is not reachable here.
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox"], timeout=BROWSER_WAIT_MS
+        )
         try:
             page = browser.new_page()
-            page.set_default_timeout(60_000)  # every wait below is bounded by this
+            # Every wait below is bounded by the same limit: actions and navigation here, the assertions
+            # by their own argument (`expect` does not read the page's default timeout).
+            page.set_default_timeout(BROWSER_WAIT_MS)
+            page.set_default_navigation_timeout(BROWSER_WAIT_MS)
+            expect = sync_api.expect
             page.goto(url)
             page.get_by_role("tab", name="Upload").click()
             # The number first: a page that predicts on every change then predicts once the file is in.
             page.locator("#number").get_by_label(str(number), exact=True).check()
             # Done uploading when the server has the file, as the user sees the upload finish; not what
             # the file widget writes (Gradio has split the name from its extension in separate elements).
-            with page.expect_response(lambda r: r.request.method == "POST" and "/upload" in r.url) as upload:
+            with page.expect_response(
+                lambda r: r.request.method == "POST" and "/upload" in r.url, timeout=BROWSER_WAIT_MS
+            ) as upload:
                 page.locator("#upload input[type=file]").set_input_files(str(path))
             assert upload.value.ok, upload.value.status
             # The upload tab's Predict button, where the page has one (a page may predict on change).
@@ -341,8 +365,27 @@ def test_browser_upload_shows_digit_and_sum(demo_server, digit_files):
                 predict.click()
             # What the user waits for: predict's line for this file, and the digit and the sum on top of
             # the bar charts.
-            sync_api.expect(page.locator("#message [data-testid=textbox]")).to_have_value(want.as_text())
-            sync_api.expect(page.locator("#digit h2")).to_have_text(str(want.digit))
-            sync_api.expect(page.locator("#sum h2")).to_have_text(str(want.sum))
+            message = page.locator("#message [data-testid=textbox]")
+            expect(message).to_have_value(want.as_text(), timeout=BROWSER_WAIT_MS)
+            expect(page.locator("#digit h2")).to_have_text(str(want.digit), timeout=BROWSER_WAIT_MS)
+            expect(page.locator("#sum h2")).to_have_text(str(want.sum), timeout=BROWSER_WAIT_MS)
         finally:
             browser.close()
+
+
+def test_every_browser_wait_is_bounded_by_our_limit():
+    """Each Playwright assertion and `expect_*` wait in the tests passes `timeout=`: Playwright's own
+    defaults (5 s for `expect`) are what failed CI on a busy machine, and `page.set_default_timeout`
+    does not reach the assertions."""
+    unbounded = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            target = node.func.value
+            called = getattr(target, "func", None)  # `expect(...)` or `sync_api.expect(...)`
+            asserted = "expect" in (getattr(called, "id", None), getattr(called, "attr", None))
+            waits = node.func.attr.startswith(("expect_", "wait_for"))
+            if (asserted or waits) and "timeout" not in {k.arg for k in node.keywords}:
+                unbounded.append(f"{path.name}:{node.lineno}: {node.func.attr}")
+    assert not unbounded, unbounded

@@ -91,9 +91,17 @@ def first_of_sweep(override: str) -> str:
     return f"{key}={value}" if _ else override
 
 
+# Config choices that only an extra's Hydra plugin provides: where the extra is missing, the command is
+# skipped with its name (require_extra), as a user without it would be told to install it.
+EXTRA_OF_CHOICE = {"hparams_search=": ("hydra_plugins.hydra_optuna_sweeper", "sweep")}
+
+
 @pytest.mark.parametrize("command", TRAIN_COMMANDS)
 def test_every_train_command_composes(command, tmp_path):
     words = shlex.split(command)[2:]
+    for prefix, (module, extra) in EXTRA_OF_CHOICE.items():
+        if any(w.startswith(prefix) for w in words):
+            require_extra(module, extra)
     options = {"-m", "--multirun", "--cfg", "job", "--resolve"}
     overrides = [first_of_sweep(w) for w in words if w not in options and not w.startswith("hydra")]
     cfg = compose_config(overrides, tmp_path)

@@ -23,7 +23,7 @@ from mnist_adder.training.local_nodes import node_command, train_overrides, wait
 from mnist_adder.training.scaleout import check_process_launch
 from mnist_adder.training.train import instantiate_group
 
-from conftest import CONF_DIR, NO_DETECTOR
+from conftest import CONF_DIR, NO_DETECTOR, require_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = "pytorch_lightning.strategies.DDPStrategy"
@@ -217,7 +217,7 @@ def test_local_nodes_command_is_torchrun_on_the_loopback_with_one_run_folder():
 
 
 def test_hparams_search_config_optimises_validation_with_optuna():
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the sweep extra")
+    require_extra("hydra_plugins.hydra_optuna_sweeper", "sweep")
     cfg = compose_with_hydra(["hparams_search=small_optuna"])
     assert cfg.optimized_metric == "best_val/both_acc"
     sweeper = cfg.hydra.sweeper
@@ -232,7 +232,7 @@ def test_hparams_search_config_optimises_validation_with_optuna():
 
 
 def test_slurm_launcher_config_follows_the_trainer():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
+    require_extra("hydra_plugins.hydra_submitit_launcher", "slurm")
     cfg = compose_with_hydra(
         ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=4"]
     )
@@ -242,7 +242,7 @@ def test_slurm_launcher_config_follows_the_trainer():
 
 
 def test_joblib_launcher_config_runs_jobs_in_parallel():
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs the joblib extra")
+    require_extra("hydra_plugins.hydra_joblib_launcher", "joblib")
     launcher = compose_with_hydra(["hydra/launcher=local_parallel"]).hydra.launcher
     assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
 

@@ -18,7 +18,7 @@ from mnist_adder.errors import UserError
 from mnist_adder.training.jobs import JOB_STATUS_FILE, JobStatusCallback
 from mnist_adder.training.sweep import check_optimized_metric, optimized_value
 
-from conftest import NO_DETECTOR
+from conftest import NO_DETECTOR, require_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps on the tiny IDX files: each run takes seconds, and every output a real run has.
@@ -161,7 +161,7 @@ def test_a_search_may_only_optimise_a_validation_metric():
 
 @pytest.mark.slow
 def test_optuna_search_runs_its_trials_and_reports_the_best_validation_value(tiny_mnist, tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the sweep extra")
+    require_extra("hydra_plugins.hydra_optuna_sweeper", "sweep")
     sweep_dir = tmp_path / "search"
     result = run_script(
         "scripts/train.py",
