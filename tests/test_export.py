@@ -2,7 +2,6 @@
 what it refuses as not a digit (the detector and its threshold travel in the files)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,24 +16,14 @@ from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.export import ExportedNet, export_onnx, export_paths, export_torchscript
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder
 
-from conftest import save_letter, save_noise
+from conftest import require_extra, save_letter, save_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_onnxruntime():
-    """onnxruntime comes with the export extra: skipped where it is missing, but a failure in CI."""
-    try:
-        import onnxruntime
-    except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail('onnxruntime missing: .ci/run installs ".[dev,export]"')
-        pytest.skip('onnxruntime missing: pip install -e ".[export]"')
-    return onnxruntime
-
-
 @pytest.fixture(scope="module")
 def exported(handed_over_ckpt, tmp_path_factory):
+    require_extra("onnx", "export")  # scripts/export.py writes both formats
     ckpt_path = str(handed_over_ckpt)  # with temperatures and the not-a-digit detector
     output_dir = tmp_path_factory.mktemp("exported")
     result = subprocess.run(
@@ -71,7 +60,7 @@ def _pytorch(ckpt_path, image, number_onehot):
 
 @pytest.mark.slow
 def test_onnx_runtime_predicts_like_pytorch(exported, test_batch):
-    ort = _import_onnxruntime()
+    ort = require_extra("onnxruntime", "export")
     ckpt_path, paths = exported
     image, number_onehot = test_batch
     session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
@@ -152,7 +141,7 @@ def test_torchscript_of_a_tiny_run_predicts_like_pytorch_at_any_batch_size(tiny_
 def test_a_net_with_test_shifts_exports_them(tmp_path):
     # experiment=fast's net averages shifted views out of training: the exports must do the same. (No
     # detector here: the ONNX file then gives NaN scores and refuses nothing, at any batch size.)
-    onnxruntime = _import_onnxruntime()
+    onnxruntime = require_extra("onnxruntime", "export")
     net = DigitSumNet(ConvBackbone(), MLPAdder(), "softmax", test_shifts=True).eval()
     exported = ExportedNet(net).eval()
     image, number_onehot = torch.randn(3, 1, 28, 28), torch.eye(10)[:3]

@@ -20,7 +20,7 @@ from mnist_adder.inference.predict import predict
 from mnist_adder.training.callbacks import WarmupEMA
 from mnist_adder.training.train import train
 
-from conftest import compose_config, make_tiny_mnist, tiny_train_overrides
+from conftest import compose_config, make_tiny_mnist, require_extra, tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "examples" / "digits" / "seven_on_paper.png"
@@ -98,6 +98,7 @@ def _outputs(
 
 @pytest.mark.slow  # the ONNX export alone takes seconds
 def test_predict_and_export_use_the_averaged_weights(ema_run, tmp_path, capsys):
+    require_extra("onnx", "export")  # export() writes ONNX beside TorchScript
     _, results, checkpoint = ema_run
     ckpt_path = results["ckpt_path"]
     image = preprocess_image(str(IMAGE)).unsqueeze(0)
