@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_adder.analysis import not_digit as analysis
-from mnist_adder.analysis.not_digit import auroc, fit_not_digit_detector
 from mnist_adder.config_checks import config_problems
 from mnist_adder.data.not_digits import (
     DIGIT_PHOTO_FORMS,
@@ -19,10 +17,13 @@ from mnist_adder.data.not_digits import (
     not_digit_set,
 )
 from mnist_adder.errors import UserError
+from mnist_adder.evaluation.not_digit import auroc
 from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.predict import reject_threshold
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
 from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES, layer_shapes
+from mnist_adder.postfit import not_digit as postfit
+from mnist_adder.postfit.not_digit import fit_not_digit_detector
 
 from conftest import compose_config, make_dm
 
@@ -179,10 +180,10 @@ def test_auroc_is_the_chance_an_outlier_scores_above_an_inlier():
 @pytest.mark.parametrize("backbone", ["conv", pytest.param("seed", marks=pytest.mark.slow)])
 def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, real_data_dir, monkeypatch):
     # Fewer images than a real fit, for time (an untrained net: the fitting is what is tested).
-    monkeypatch.setattr(analysis, "FIT_PER_KIND", 20)
-    monkeypatch.setattr(analysis, "FIT_LETTER_REPEATS", 1)
-    monkeypatch.setattr(analysis, "FIT_PHOTOS", 60)
-    monkeypatch.setattr(analysis, "THRESHOLD_PHOTOS", 40)
+    monkeypatch.setattr(postfit, "FIT_PER_KIND", 20)
+    monkeypatch.setattr(postfit, "FIT_LETTER_REPEATS", 1)
+    monkeypatch.setattr(postfit, "FIT_PHOTOS", 60)
+    monkeypatch.setattr(postfit, "THRESHOLD_PHOTOS", 40)
     dm = make_dm(real_data_dir, val_size=160)
     train_images, train_labels = dm.split_tensors("train")
     net = BACKBONES[backbone]().eval()
@@ -190,7 +191,7 @@ def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, 
     random_state = torch.random.get_rng_state()
     summary = fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9)
     assert net.not_digit.fitted and float(net.not_digit.threshold) == summary["threshold"]
-    assert net.not_digit.hidden_weight.shape == (analysis.HIDDEN_UNITS, summary["features"])
+    assert net.not_digit.hidden_weight.shape == (postfit.HIDDEN_UNITS, summary["features"])
     # Trained from its own seed: the caller's random state is untouched, and a second fit is the same.
     assert torch.equal(torch.random.get_rng_state(), random_state)
     fitted = {k: v.clone() for k, v in net.not_digit.state_dict().items()}
@@ -199,13 +200,13 @@ def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, 
         assert torch.equal(value, fitted[name]), name
     # Even on this untrained backbone, not-digits it never saw score above most digits.
     unseen = not_digit_set(seed=7, per_kind=20, letter_repeats=1).pixels
-    unseen_scores = analysis.net_outputs(net, analysis.normalize(unseen).unsqueeze(1))["not_digit"]
+    unseen_scores = postfit.net_outputs(net, postfit.normalize(unseen).unsqueeze(1))["not_digit"]
     assert float((unseen_scores > summary["threshold"]).double().mean()) > 0.5
     # 160 validation digits as files and 40 as photos: the threshold accepts 180 of the 200.
     assert summary["validation_accepted"] == pytest.approx(0.9, abs=0.006)
-    digits, _ = analysis.threshold_digits(*dm.split_tensors("val"))
+    digits, _ = postfit.threshold_digits(*dm.split_tensors("val"))
     assert len(digits) == 200
-    scores = analysis.net_outputs(net, analysis.normalize(digits).unsqueeze(1))["not_digit"]
+    scores = postfit.net_outputs(net, postfit.normalize(digits).unsqueeze(1))["not_digit"]
     assert float((scores <= summary["threshold"]).double().mean()) == summary["validation_accepted"]
 
 
@@ -233,7 +234,7 @@ def test_calibrate_stores_the_detector(calibrated_ckpt):
 
 @pytest.mark.slow
 def test_eval_measures_the_detector_and_the_baselines(calibrated_ckpt, real_data_dir, tmp_path):
-    from mnist_adder.inference.evaluate import evaluate
+    from mnist_adder.evaluation.evaluate import evaluate
 
     run = tmp_path / "eval"
     cfg = compose_config(

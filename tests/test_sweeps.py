@@ -12,9 +12,9 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from mnist_adder.analysis.report import build_report
 from mnist_adder.cli import JobFailed
 from mnist_adder.errors import UserError
+from mnist_adder.reporting.report import build_report
 from mnist_adder.training.jobs import JOB_STATUS_FILE, JobStatusCallback
 from mnist_adder.training.sweep import check_optimized_metric, optimized_value
 

@@ -25,7 +25,7 @@ class DigitSumNet(nn.Module):
     add a distribution, so they take the softmax only (`mnist_adder.adder_inputs`).
 
     The returned logits are divided by `digit_temperature` and `sum_temperature` (1 unless a checkpoint
-    was calibrated, see `mnist_adder.analysis.calibration`). The adder always sees the raw digit output,
+    was calibrated, see `mnist_adder.postfit.temperature`). The adder always sees the raw digit output,
     so a temperature changes the probabilities of a head, never its argmax and never the sum.
 
     `test_shifts`: out of training (eval mode), the digit logits are the mean log-probabilities of the
@@ -35,7 +35,7 @@ class DigitSumNet(nn.Module):
     it adds at the same training (docs/speed.md).
 
     `not_digit` scores how little an image looks like a digit (`mnist_adder.models.not_digit`; empty, so
-    no score, until fitted by `mnist_adder.analysis.not_digit`); `forward_with_not_digit` gives it beside
+    no score, until fitted by `mnist_adder.postfit.not_digit`); `forward_with_not_digit` gives it beside
     the two heads. It reads the backbone's `features_and_logits`, which both backbones define.
     """
 

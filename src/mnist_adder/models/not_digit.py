@@ -6,7 +6,7 @@ logits: the input of the last layer, and the mean and standard deviation of ever
 conv block (the "feature ensemble" of Lee et al. 2018). On them, standardised by the digits' mean and
 scale, one hidden ReLU layer and a linear output give the log-odds that the image is not a digit: outlier
 exposure (Hendrycks et al. 2019, "Deep Anomaly Detection with Outlier Exposure") as a head of its own, fitted
-on the frozen backbone against noise, scribbles, shapes and letters (`mnist_adder.analysis.not_digit`), so
+on the frozen backbone against noise, scribbles, shapes and letters (`mnist_adder.postfit.not_digit`), so
 the digit and sum heads stay as they were trained. An image is "not a digit" when its score is above
 `threshold`, set so that a stated share of real validation digits is accepted.
 

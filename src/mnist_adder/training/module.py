@@ -11,11 +11,16 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_adder.analysis.calibration import calibration_error, reliability_bins
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.heldout import heldout_sums
 from mnist_adder.models.digit_sum import TEMPERATURES, DigitSumNet
-from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy, SumCoherenceGap
+from mnist_adder.training.metrics import (
+    DigitSumMetrics,
+    HeldoutPairSumAccuracy,
+    SumCoherenceGap,
+    calibration_error,
+    reliability_bins,
+)
 
 STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).

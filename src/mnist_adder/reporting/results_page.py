@@ -27,10 +27,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 from omegaconf import OmegaConf
 
-from mnist_adder.analysis.curves import epoch_curves
-from mnist_adder.analysis.not_digit import METHOD_NAMES
-from mnist_adder.analysis.render import draw_reliability
-from mnist_adder.analysis.report import (
+from mnist_adder.data.not_digits import NOT_DIGIT_KINDS
+from mnist_adder.errors import UserError
+from mnist_adder.evaluation.not_digit import METHOD_NAMES
+from mnist_adder.render import draw_reliability
+from mnist_adder.reporting.curves import epoch_curves
+from mnist_adder.reporting.report import (
     RUNS_FILE,
     SUMMARY_FORMAT,
     Group,
@@ -47,8 +49,6 @@ from mnist_adder.analysis.report import (
     task_name,
     unfinished,
 )
-from mnist_adder.data.not_digits import NOT_DIGIT_KINDS
-from mnist_adder.errors import UserError
 from mnist_adder.results import write_json_atomic
 
 PAGE_FILE = "index.md"
