@@ -28,6 +28,7 @@ from mnist_adder.inference.checkpoint import (
     run_datamodule,
 )
 from mnist_adder.inference.predict import reject_threshold
+from mnist_adder.postfit.fit import detector_fit
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
 from mnist_adder.render import reliability_diagram_figure
 from mnist_adder.results import format_per_class, format_results, write_json_atomic
@@ -81,11 +82,12 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
     accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
     datamodule.setup("fit")
     net = module.net
+    fit = detector_fit(cfg)
     fitted = None
     if not net.not_digit.fitted:
         log.info("The checkpoint has no not-a-digit detector: fitting one as scripts/calibrate.py does.")
         fitted = fit_not_digit_detector(
-            net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept
+            net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept, fit
         )
     threshold = reject_threshold(cfg.get("reject_threshold"), module)
     if threshold is None:
@@ -105,6 +107,7 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
         threshold=threshold,
         seed=cfg.get("not_digits_seed", 0),
         accept=accept,
+        fit=fit,
     )
     report = {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "fitted_here": fitted, **report}
     write_json_atomic(Path(cfg.paths.output_dir) / "not_digits.json", report)
@@ -118,7 +121,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(
             f"no checkpoint given: python scripts/eval.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
         )
-    check_config(cfg)
     ckpt_path = Path(cfg.ckpt_path).resolve()
     output_dir = Path(cfg.paths.output_dir)
     module, run_config = load_checkpoint(ckpt_path)

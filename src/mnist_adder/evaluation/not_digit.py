@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.data.not_digits import (
     DIGIT_PHOTO_FORMS,
     NOT_DIGIT_KINDS,
@@ -25,10 +26,10 @@ from mnist_adder.data.not_digits import (
     not_digit_set,
 )
 from mnist_adder.data.preprocess import preprocess_image
-from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES
 from mnist_adder.postfit.not_digit import (
     DEFAULT_ACCEPT,
-    FIT_SEED,
+    DEFAULT_FIT,
+    DetectorFit,
     as_files,
     as_pixels,
     fitting_fonts,
@@ -105,7 +106,7 @@ def _baseline_scores(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -
     """The three baselines' score functions of `net_outputs`; Mahalanobis fitted on the training split."""
     train_images, train_labels = train
     last_layer = net_outputs(net, train_images)["last_layer"]
-    means, precision = _gaussians(last_layer, train_labels.cpu(), NUM_DIGIT_CLASSES)
+    means, precision = _gaussians(last_layer, train_labels.cpu(), NUM_DIGITS)
     return {
         "max_softmax": lambda out: 1 - out["probs"].max(dim=1).values,
         "energy": lambda out: -torch.logsumexp(out["logits"], dim=1),
@@ -123,18 +124,19 @@ def measure(
     seed: int = 0,
     accept: float = DEFAULT_ACCEPT,
     photos: int = 3000,
+    fit: DetectorFit = DEFAULT_FIT,
 ) -> dict[str, Any]:
     """The detector of `net` (fitted) and the baselines on the measurement sets (see the module).
 
     `threshold`: the detector's (None: the stored one); the baselines' are set on the validation digits at
-    `accept`. Returns the report written to not_digits.json."""
-    if seed == FIT_SEED:
+    `accept`, taken as the detector's fit `fit` takes them. Returns the report written to not_digits.json."""
+    if seed == fit.seed:
         log.warning("not_digits_seed=%d is the seed the detector was fitted on: choose another.", seed)
     test_images, test_labels = test
     not_digits = not_digit_set(seed=seed)
     test_pixels = as_pixels(test_images)
     digit_photos = digit_photo_set(test_pixels[:photos], test_labels[:photos].cpu(), seed=seed)
-    threshold_pixels, described = threshold_digits(*val)
+    threshold_pixels, described = threshold_digits(*val, fit)
     sets = {
         "not_digits": model_input(not_digits.pixels),
         "mnist_test_files": model_input(as_files(test_pixels)),

@@ -18,7 +18,7 @@ from mnist_adder.inference.checkpoint import (
     load_checkpoint,
     run_datamodule,
 )
-from mnist_adder.postfit.fit import fit_post_training
+from mnist_adder.postfit.fit import detector_fit, fit_post_training
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, format_not_digit
 from mnist_adder.postfit.store import write_fitted_checkpoint
 from mnist_adder.postfit.temperature import format_calibration, with_test_results
@@ -56,7 +56,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     module.net.set_temperatures(1.0, 1.0)  # the raw model, also when given a calibrated checkpoint
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     bins_before = dict(module.calibration_results)  # the reliability diagrams' bins, for the results page
-    fitted = fit_post_training(module.net, datamodule, True, cfg.get("not_digit_accept", DEFAULT_ACCEPT))
+    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    fitted = fit_post_training(module.net, datamodule, True, accept, detector_fit(cfg))
     after = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
     summary = {"ckpt_path": str(ckpt_path), "calibrated_ckpt_path": str(target)}

@@ -17,7 +17,6 @@ from mnist_adder.checkpoint_file import HOW_TO_GET_ONE, read_checkpoint
 from mnist_adder.cli import build
 from mnist_adder.config_checks import accelerator_problem
 from mnist_adder.errors import UserError
-from mnist_adder.models.not_digit import EARLIER_BUFFERS
 from mnist_adder.training.module import DigitSumModule
 
 log = logging.getLogger(__name__)
@@ -59,14 +58,6 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
         raise UserError(
             f"the weights in {path} do not fit the model its config describes: {str(err).splitlines()[0]}"
         ) from err
-    if any(f"net.not_digit.{name}" in checkpoint["state_dict"] for name in EARLIER_BUFFERS):
-        log.warning(
-            "%s holds the earlier not-a-digit detector (a linear discriminant), which this version no "
-            "longer reads: it refuses nothing. Fit the current one with python scripts/calibrate.py "
-            "ckpt_path=%s",
-            path,
-            path,
-        )
     return module.eval(), config
 
 

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from mnist_adder.checkpoint_file import read_checkpoint
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config, check_resume
-from mnist_adder.postfit.fit import fit_post_training
+from mnist_adder.postfit.fit import detector_fit, fit_post_training
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, format_not_digit
 from mnist_adder.postfit.store import store_post_training
 from mnist_adder.postfit.temperature import CHANGED_BY_TEMPERATURE, format_calibration, with_test_results
@@ -203,7 +203,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.load_state_dict(read_checkpoint(best_path)["state_dict"])
     # Post-fit on the whole splits (a datamodule not attached to the trainer), then the test at T = 1.
     accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
-    fitted = fit_post_training(module.net, build(cfg.data, "data"), cfg.get("calibrate", True), accept)
+    fitted = fit_post_training(
+        module.net, build(cfg.data, "data"), cfg.get("calibrate", True), accept, detector_fit(cfg)
+    )
     uncalibrated, bins_uncalibrated = (
         _uncalibrated_test(trainer, module, datamodule) if "calibration" in fitted else (None, None)
     )
