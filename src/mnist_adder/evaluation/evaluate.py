@@ -16,17 +16,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from mnist_adder.config_checks import check_config
 from mnist_adder.data.preprocess import is_image_name
 from mnist_adder.errors import UserError
 from mnist_adder.evaluation.not_digit import format_not_digits, measure
 from mnist_adder.evaluation.robustness import evaluate_robustness, format_robustness
-from mnist_adder.inference.checkpoint import (
-    HOW_TO_GET_ONE,
-    evaluation_trainer,
-    load_checkpoint,
-    run_datamodule,
-)
+from mnist_adder.inference.checkpoint import evaluation_trainer, load_given_checkpoint, run_datamodule
 from mnist_adder.inference.predict import reject_threshold
 from mnist_adder.postfit.fit import detector_fit
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
@@ -116,14 +110,8 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `cfg.ckpt_path`; return the results also written to `<output_dir>/metrics.json`."""
-    check_config(cfg)
-    if not cfg.get("ckpt_path"):
-        raise UserError(
-            f"no checkpoint given: python scripts/eval.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
-        )
-    ckpt_path = Path(cfg.ckpt_path).resolve()
+    ckpt_path, module, run_config = load_given_checkpoint(cfg, "eval")
     output_dir = Path(cfg.paths.output_dir)
-    module, run_config = load_checkpoint(ckpt_path)
 
     datamodule = run_datamodule(run_config, cfg)
     trainer = evaluation_trainer(run_config.trainer, cfg, output_dir)

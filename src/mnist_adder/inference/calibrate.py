@@ -10,14 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mnist_adder.config_checks import check_config
 from mnist_adder.errors import UserError
-from mnist_adder.inference.checkpoint import (
-    HOW_TO_GET_ONE,
-    evaluation_trainer,
-    load_checkpoint,
-    run_datamodule,
-)
+from mnist_adder.inference.checkpoint import evaluation_trainer, load_given_checkpoint, run_datamodule
 from mnist_adder.postfit.fit import detector_fit, fit_post_training
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, format_not_digit
 from mnist_adder.postfit.store import write_fitted_checkpoint
@@ -37,14 +31,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     """Fit the temperatures of `cfg.ckpt_path` on validation (and the not-a-digit detector), write the
     calibrated checkpoint, and return (and write to `<output_dir>/calibration.json`) the temperatures and
     the NLL and ECE before and after, and what the detector was fitted on."""
-    check_config(cfg)
-    if not cfg.get("ckpt_path"):
-        raise UserError(
-            f"no checkpoint given: python scripts/calibrate.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
-        )
-    ckpt_path = Path(cfg.ckpt_path).resolve()
+    ckpt_path, module, run_config = load_given_checkpoint(cfg, "calibrate")
     output_dir = Path(cfg.paths.output_dir)
-    module, run_config = load_checkpoint(ckpt_path)
     target = calibrated_path(ckpt_path)
     if not os.access(target.parent, os.W_OK):
         raise UserError(

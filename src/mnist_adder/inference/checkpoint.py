@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.checkpoint_file import HOW_TO_GET_ONE, read_checkpoint
 from mnist_adder.cli import build
-from mnist_adder.config_checks import accelerator_problem
+from mnist_adder.config_checks import accelerator_problem, check_config
 from mnist_adder.errors import UserError
 from mnist_adder.training.module import DigitSumModule
 
@@ -59,6 +59,18 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
             f"the weights in {path} do not fit the model its config describes: {str(err).splitlines()[0]}"
         ) from err
     return module.eval(), config
+
+
+def load_given_checkpoint(cfg: DictConfig, script: str) -> tuple[Path, DigitSumModule, DictConfig]:
+    """(its resolved path, the model, its run config) of `cfg.ckpt_path`, after `check_config(cfg)`; a
+    UserError naming `script` (scripts/<script>.py) when no checkpoint is given."""
+    check_config(cfg)
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            f"no checkpoint given: python scripts/{script}.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
+        )
+    ckpt_path = Path(cfg.ckpt_path).resolve()
+    return ckpt_path, *load_checkpoint(ckpt_path)
 
 
 def evaluation_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
