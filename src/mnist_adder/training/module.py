@@ -235,7 +235,7 @@ class DigitSumModule(pl.LightningModule):
         self._end_calibration_epoch("test")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The temperatures are fitted after training (inference/calibrate.py): a run that trains on from a
+        # The temperatures are fitted after training (mnist_adder.postfit): a run that trains on from a
         # calibrated checkpoint trains the raw logits, as the run that wrote it did, and fits them again at
         # its end. Called before the weights (and weight averaging's copies of them) are loaded.
         if self._trainer is None or self._trainer.state.fn != TrainerFn.FITTING:
