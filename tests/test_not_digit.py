@@ -26,8 +26,9 @@ from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, S
 from mnist_adder.models.not_digit import layer_shapes
 from mnist_adder.postfit import not_digit as postfit
 from mnist_adder.postfit.not_digit import DetectorFit, fit_not_digit_detector
+from mnist_adder.training import train as pipeline
 
-from conftest import compose_config, make_dm
+from conftest import compose_config, make_dm, make_tiny_mnist, tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = {
@@ -278,3 +279,11 @@ def test_the_detector_group_holds_the_fit_defaults_and_refuses_bad_values(tmp_pa
     cfg = compose_config(["detector.epochs=0"], tmp_path)
     with pytest.raises(UserError, match=r"detector.*epochs must be a whole number of at least 1, not 0"):
         build(cfg.detector, "detector")
+
+
+def test_a_bad_detector_value_stops_training_before_the_fit(tmp_path):
+    data_dir = make_tiny_mnist(tmp_path / "data")
+    cfg = compose_config([*tiny_train_overrides(data_dir), "detector.epochs=0"], tmp_path / "run")
+    with pytest.raises(UserError, match=r"detector .*epochs must be a whole number of at least 1"):
+        pipeline.train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

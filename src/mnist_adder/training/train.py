@@ -193,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build(cfg.model, "model")
     # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
     module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
+    detector = detector_fit(cfg)  # built now: a refused value stops the run before the fit, not after
     trainer = _build_trainer(cfg)
     fit_seconds = _fit(trainer, module, datamodule, cfg.get("ckpt_path"))
 
@@ -204,7 +205,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Post-fit on the whole splits (a datamodule not attached to the trainer), then the test at T = 1.
     accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
     fitted = fit_post_training(
-        module.net, build(cfg.data, "data"), cfg.get("calibrate", True), accept, detector_fit(cfg)
+        module.net, build(cfg.data, "data"), cfg.get("calibrate", True), accept, detector
     )
     uncalibrated, bins_uncalibrated = (
         _uncalibrated_test(trainer, module, datamodule) if "calibration" in fitted else (None, None)
