@@ -14,7 +14,7 @@ from mnist_adder.cli import guarded, run_hydra_main
 @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Imported here, after Hydra has composed the config: a typo is told before torch and Lightning load.
-    from mnist_adder.analysis.benchmark import benchmark
+    from mnist_adder.tools.benchmark import benchmark
 
     guarded(benchmark, cfg)
 

@@ -4,8 +4,8 @@ import argparse
 from argparse import Namespace
 from pathlib import Path
 
-from mnist_adder.analysis.curves import curves_table
 from mnist_adder.cli import guarded
+from mnist_adder.reporting.curves import curves_table
 
 
 def parse_args() -> Namespace:

@@ -16,7 +16,7 @@ from mnist_adder.config_checks import check_config
 def main(cfg: DictConfig) -> None:
     # Checked, then imported: a typo or a bad value is told before torch and Lightning load (seconds).
     guarded(check_config, cfg)
-    from mnist_adder.inference.evaluate import evaluate
+    from mnist_adder.evaluation.evaluate import evaluate
 
     guarded(evaluate, cfg)
 

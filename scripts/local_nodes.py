@@ -7,7 +7,7 @@ from pathlib import Path
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 from mnist_adder.cli import guarded
-from mnist_adder.training.local_nodes import parse_args, run_local_nodes
+from mnist_adder.tools.local_nodes import parse_args, run_local_nodes
 
 
 def run(args: Namespace) -> None:

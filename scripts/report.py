@@ -5,14 +5,14 @@ folders writes the page again from it."""
 import sys
 from argparse import Namespace
 
-from mnist_adder.analysis.report import build_report, parse_args
 from mnist_adder.cli import guarded
+from mnist_adder.reporting.report import build_report, parse_args
 
 
 def run(args: Namespace) -> None:
     if args.out is not None:
         # Imported here: matplotlib is needed for the page only.
-        from mnist_adder.analysis.results_page import build_results
+        from mnist_adder.reporting.results_page import build_results
 
         page, notes = build_results(args.folders, args.out, args.group_by)
         print(f"results page: {page}")

@@ -15,9 +15,9 @@ from PIL import Image
 from torchmetrics.utilities.data import dim_zero_sum
 
 from mnist_adder.errors import UserError
+from mnist_adder.evaluation.evaluate import evaluate
 from mnist_adder.inference.calibrate import calibrate
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.evaluate import evaluate
 from mnist_adder.inference.export import export_onnx, export_torchscript
 from mnist_adder.inference.predict import Prediction, predict_images
 from mnist_adder.models import ConvAdder, ConvBackbone, DigitSumNet, MLPAdder, ShiftAdder

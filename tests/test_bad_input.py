@@ -21,7 +21,7 @@ from mnist_adder.config_checks import check_config
 from mnist_adder.data import load_mnist
 from mnist_adder.data.mnist import ensure_mnist
 from mnist_adder.errors import UserError
-from mnist_adder.inference.evaluate import evaluate
+from mnist_adder.evaluation.evaluate import evaluate
 from mnist_adder.training.train import train
 
 from conftest import compose_config, make_tiny_mnist, write_idx_images, write_idx_labels

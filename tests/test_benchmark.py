@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import initialize_config_dir
 
-from mnist_adder.analysis.benchmark import benchmark
+from mnist_adder.tools.benchmark import benchmark
 
 from conftest import CONF_DIR, compose_config
 

@@ -15,23 +15,19 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_export import _import_onnxruntime
 
-from mnist_adder.analysis.calibration import (
-    collect_logits,
-    expected_calibration_error,
-    fit_temperature,
-    nll,
-    reliability_bins,
-)
 from mnist_adder.cli import guarded
 from mnist_adder.data import MNIST_MEAN, MNIST_STD, MnistSumDataModule
 from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.errors import UserError
-from mnist_adder.inference.calibrate import CHANGED_BY_TEMPERATURE, calibrate, calibrated_path
-from mnist_adder.inference.checkpoint import load_checkpoint, write_fitted_checkpoint
-from mnist_adder.inference.evaluate import evaluate
+from mnist_adder.evaluation.evaluate import evaluate
+from mnist_adder.inference.calibrate import calibrate, calibrated_path
+from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.export import export_onnx, export_torchscript
 from mnist_adder.inference.predict import Prediction, predict_images
 from mnist_adder.models.digit_sum import TEMPERATURES
+from mnist_adder.postfit.store import write_fitted_checkpoint
+from mnist_adder.postfit.temperature import CHANGED_BY_TEMPERATURE, collect_logits, fit_temperature, nll
+from mnist_adder.training.metrics import expected_calibration_error, reliability_bins
 from mnist_adder.training.train import train
 
 from conftest import compose_config, tiny_train_overrides

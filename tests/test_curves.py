@@ -2,8 +2,8 @@
 
 import pytest
 
-from mnist_adder.analysis.curves import curves_table, read_scalars
 from mnist_adder.errors import UserError
+from mnist_adder.reporting.curves import curves_table, read_scalars
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import torch
 
 from mnist_adder.cli import guarded
 from mnist_adder.errors import UserError
+from mnist_adder.evaluation.evaluate import evaluate
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.evaluate import evaluate
 from mnist_adder.training.module import DigitSumModule
 from mnist_adder.training.train import train
 

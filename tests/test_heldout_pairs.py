@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from mnist_adder.analysis.report import build_report
 from mnist_adder.data import MnistSumDataModule
 from mnist_adder.data.batches import TrainBatches, make_batch
 from mnist_adder.errors import UserError
 from mnist_adder.heldout import HELDOUT_PRESETS, ONE_PER_SUM, RANDOM25, heldout_sums, heldout_table
+from mnist_adder.reporting.report import build_report
 from mnist_adder.training.module import DigitSumModule
 from mnist_adder.training.train import train
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_adder.training.local_nodes import free_port, node_command, train_overrides
+from mnist_adder.tools.local_nodes import free_port, node_command, train_overrides
 
 from conftest import NO_DETECTOR, make_tiny_mnist, tiny_data_overrides
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_adder.analysis import not_digit as analysis
-from mnist_adder.analysis.not_digit import auroc, fit_not_digit_detector
+from mnist_adder.classes import NUM_DIGITS
+from mnist_adder.cli import build
 from mnist_adder.config_checks import config_problems
 from mnist_adder.data.not_digits import (
     DIGIT_PHOTO_FORMS,
@@ -19,12 +19,16 @@ from mnist_adder.data.not_digits import (
     not_digit_set,
 )
 from mnist_adder.errors import UserError
+from mnist_adder.evaluation.not_digit import auroc
 from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.inference.predict import reject_threshold
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
-from mnist_adder.models.not_digit import NUM_DIGIT_CLASSES, layer_shapes
+from mnist_adder.models.not_digit import layer_shapes
+from mnist_adder.postfit import not_digit as postfit
+from mnist_adder.postfit.not_digit import DetectorFit, fit_not_digit_detector
+from mnist_adder.training import train as pipeline
 
-from conftest import compose_config, make_dm
+from conftest import compose_config, make_dm, make_tiny_mnist, tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = {
@@ -79,15 +83,12 @@ def test_the_detector_travels_in_the_state_dict_and_older_ones_load_without(back
         assert torch.isnan(older.not_digit_score(images)).all()
     assert reject_threshold(None, older) is None
 
-    # So does one with the linear discriminant that was the detector before (buffers weight, bias).
+    # The linear discriminant's buffers (weight, bias: a format that lived a few hours) are no longer read.
     earlier = dict(old)
-    earlier["not_digit.weight"] = torch.randn(NUM_DIGIT_CLASSES + 3, features.shape[1], dtype=torch.float64)
-    earlier["not_digit.bias"] = torch.randn(NUM_DIGIT_CLASSES + 3, dtype=torch.float64)
-    earlier["not_digit.threshold"] = torch.tensor(2.0, dtype=torch.float64)
-    from_earlier = BACKBONES[backbone]().eval()
-    from_earlier.load_state_dict(earlier)
-    assert not from_earlier.not_digit.fitted
-    assert "not_digit.weight" not in from_earlier.state_dict()
+    earlier["not_digit.weight"] = torch.randn(NUM_DIGITS + 3, features.shape[1], dtype=torch.float64)
+    earlier["not_digit.bias"] = torch.randn(NUM_DIGITS + 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"not_digit\.weight"):
+        BACKBONES[backbone]().load_state_dict(earlier)
 
 
 def test_reject_threshold_values(tmp_path):
@@ -177,35 +178,32 @@ def test_auroc_is_the_chance_an_outlier_scores_above_an_inlier():
 
 
 @pytest.mark.parametrize("backbone", ["conv", pytest.param("seed", marks=pytest.mark.slow)])
-def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, real_data_dir, monkeypatch):
+def test_fitting_sets_the_threshold_at_the_share_of_validation_digits(backbone, real_data_dir):
     # Fewer images than a real fit, for time (an untrained net: the fitting is what is tested).
-    monkeypatch.setattr(analysis, "FIT_PER_KIND", 20)
-    monkeypatch.setattr(analysis, "FIT_LETTER_REPEATS", 1)
-    monkeypatch.setattr(analysis, "FIT_PHOTOS", 60)
-    monkeypatch.setattr(analysis, "THRESHOLD_PHOTOS", 40)
+    fit = DetectorFit(per_kind=20, letter_repeats=1, photos=60, threshold_photos=40, hidden_units=32)
     dm = make_dm(real_data_dir, val_size=160)
     train_images, train_labels = dm.split_tensors("train")
     net = BACKBONES[backbone]().eval()
     train = (train_images[:2000], train_labels[:2000])
     random_state = torch.random.get_rng_state()
-    summary = fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9)
+    summary = fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9, fit=fit)
     assert net.not_digit.fitted and float(net.not_digit.threshold) == summary["threshold"]
-    assert net.not_digit.hidden_weight.shape == (analysis.HIDDEN_UNITS, summary["features"])
+    assert net.not_digit.hidden_weight.shape == (32, summary["features"])
     # Trained from its own seed: the caller's random state is untouched, and a second fit is the same.
     assert torch.equal(torch.random.get_rng_state(), random_state)
     fitted = {k: v.clone() for k, v in net.not_digit.state_dict().items()}
-    fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9)
+    fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9, fit=fit)
     for name, value in net.not_digit.state_dict().items():
         assert torch.equal(value, fitted[name]), name
     # Even on this untrained backbone, not-digits it never saw score above most digits.
     unseen = not_digit_set(seed=7, per_kind=20, letter_repeats=1).pixels
-    unseen_scores = analysis.net_outputs(net, analysis.normalize(unseen).unsqueeze(1))["not_digit"]
+    unseen_scores = postfit.net_outputs(net, postfit.normalize(unseen).unsqueeze(1))["not_digit"]
     assert float((unseen_scores > summary["threshold"]).double().mean()) > 0.5
     # 160 validation digits as files and 40 as photos: the threshold accepts 180 of the 200.
     assert summary["validation_accepted"] == pytest.approx(0.9, abs=0.006)
-    digits, _ = analysis.threshold_digits(*dm.split_tensors("val"))
+    digits, _ = postfit.threshold_digits(*dm.split_tensors("val"), fit)
     assert len(digits) == 200
-    scores = analysis.net_outputs(net, analysis.normalize(digits).unsqueeze(1))["not_digit"]
+    scores = postfit.net_outputs(net, postfit.normalize(digits).unsqueeze(1))["not_digit"]
     assert float((scores <= summary["threshold"]).double().mean()) == summary["validation_accepted"]
 
 
@@ -233,7 +231,7 @@ def test_calibrate_stores_the_detector(calibrated_ckpt):
 
 @pytest.mark.slow
 def test_eval_measures_the_detector_and_the_baselines(calibrated_ckpt, real_data_dir, tmp_path):
-    from mnist_adder.inference.evaluate import evaluate
+    from mnist_adder.evaluation.evaluate import evaluate
 
     run = tmp_path / "eval"
     cfg = compose_config(
@@ -272,3 +270,20 @@ def test_eval_measures_the_detector_and_the_baselines(calibrated_ckpt, real_data
     )
     with pytest.raises(UserError, match="reject_threshold=off"):
         evaluate(cfg)
+
+
+def test_the_detector_group_holds_the_fit_defaults_and_refuses_bad_values(tmp_path):
+    for config_name in ("train", "calibrate", "eval"):
+        cfg = compose_config([], tmp_path, config_name=config_name)
+        assert build(cfg.detector, "detector") == DetectorFit()
+    cfg = compose_config(["detector.epochs=0"], tmp_path)
+    with pytest.raises(UserError, match=r"detector.*epochs must be a whole number of at least 1, not 0"):
+        build(cfg.detector, "detector")
+
+
+def test_a_bad_detector_value_stops_training_before_the_fit(tmp_path):
+    data_dir = make_tiny_mnist(tmp_path / "data")
+    cfg = compose_config([*tiny_train_overrides(data_dir), "detector.epochs=0"], tmp_path / "run")
+    with pytest.raises(UserError, match=r"detector .*epochs must be a whole number of at least 1"):
+        pipeline.train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

@@ -230,7 +230,7 @@ def test_results_page_is_what_the_report_writes_from_runs_json(tmp_path):
         prose = re.sub(r"```.*?```|`[^`]*`", "", page, flags=re.S)
         assert not re.search(r"\d", prose) and "python scripts/report.py" in page
         return
-    from mnist_adder.analysis.results_page import build_results
+    from mnist_adder.reporting.results_page import build_results
 
     again, _ = build_results([runs_file], tmp_path)
     assert again.read_text() == page, "docs/results/index.md differs from what runs.json gives: regenerate it"

@@ -16,10 +16,10 @@ import pytest
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from mnist_adder.analysis.calibration import ECE_BINS
-from mnist_adder.analysis.report import build_report
-from mnist_adder.analysis.results_page import build_results
 from mnist_adder.errors import UserError
+from mnist_adder.reporting.report import build_report
+from mnist_adder.reporting.results_page import build_results
+from mnist_adder.training.metrics import ECE_BINS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {

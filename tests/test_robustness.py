@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_adder.analysis.robustness import CorruptedBatches, evaluate_robustness
 from mnist_adder.cli import guarded
 from mnist_adder.data import load_mnist, normalize
 from mnist_adder.data.corruptions import CORRUPTIONS, corrupt, invert, thicken, thin, to_pixels
+from mnist_adder.evaluation.evaluate import evaluate, evaluation_trainer, run_datamodule
+from mnist_adder.evaluation.robustness import CorruptedBatches, evaluate_robustness
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.evaluate import evaluate, evaluation_trainer, run_datamodule
 
 from conftest import compose_config
 

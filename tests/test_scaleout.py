@@ -19,7 +19,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from mnist_adder.data.batches import EvalBatches
 from mnist_adder.errors import UserError
 from mnist_adder.ranks import RANK_VARIABLES, launcher_global_rank, on_rank_zero, rank_log_suffix
-from mnist_adder.training.local_nodes import node_command, train_overrides, wait_for_nodes
+from mnist_adder.tools.local_nodes import node_command, train_overrides, wait_for_nodes
 from mnist_adder.training.scaleout import check_process_launch
 from mnist_adder.training.train import instantiate_group
 

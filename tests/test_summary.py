@@ -3,8 +3,8 @@
 import hydra
 import pytest
 
-from mnist_adder.analysis.summary import layer_table, receptive_fields, summary
 from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, SeedBackbone
+from mnist_adder.tools.summary import layer_table, receptive_fields, summary
 
 from conftest import compose_config
 from test_config import choices

@@ -12,13 +12,14 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from mnist_adder.analysis.report import build_report
 from mnist_adder.cli import JobFailed
+from mnist_adder.config_checks import check_config
 from mnist_adder.errors import UserError
+from mnist_adder.reporting.report import build_report
 from mnist_adder.training.jobs import JOB_STATUS_FILE, JobStatusCallback
-from mnist_adder.training.sweep import check_optimized_metric, optimized_value
+from mnist_adder.training.sweep import optimized_value
 
-from conftest import NO_DETECTOR, require_extra
+from conftest import NO_DETECTOR, compose_config, require_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 # A few steps on the tiny IDX files: each run takes seconds, and every output a real run has.
@@ -148,11 +149,11 @@ def test_report_refuses_bad_arguments_clearly(tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_search_may_only_optimise_a_validation_metric():
-    check_optimized_metric("best_val/both_acc")
-    check_optimized_metric(None)
+def test_a_search_may_only_optimise_a_validation_metric(tmp_path):
+    check_config(compose_config(["optimized_metric=best_val/both_acc"], tmp_path))
+    check_config(compose_config([], tmp_path))  # null: a plain run optimises nothing
     with pytest.raises(UserError, match="never the test set"):
-        check_optimized_metric("test/both_acc")
+        check_config(compose_config(["optimized_metric=test/both_acc"], tmp_path))
     assert optimized_value({"best_val/both_acc": 0.5}, "best_val/both_acc") == 0.5
     assert optimized_value({"best_val/both_acc": 0.5}, None) is None
     with pytest.raises(UserError, match="no value"):

@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from mnist_adder.analysis.render import confusion_matrix_figure, misclassified_grid
+from mnist_adder.render import confusion_matrix_figure, misclassified_grid
 from mnist_adder.training.tensorboard_images import ValidationImages
 
 IMAGE_TAGS = ("val/digit_confusion", "val/sum_confusion", "val/misclassified")

@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.optim.swa_utils import AveragedModel
 
 from mnist_adder.data.preprocess import preprocess_image
+from mnist_adder.evaluation.evaluate import evaluate
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.evaluate import evaluate
 from mnist_adder.inference.export import export
 from mnist_adder.inference.predict import predict
 from mnist_adder.training.callbacks import WarmupEMA

@@ -17,9 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_adder.adder_inputs import ADDER_INPUTS, accepted_adder_inputs
+from mnist_adder.checkpoint_file import torch_load
+from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.devices import CUDA_ACCELERATORS, has_cuda, has_mps, machine_accelerators
 from mnist_adder.errors import UserError
-from mnist_adder.heldout import HELDOUT_PRESETS, NUM_DIGITS, heldout_pair_list
+from mnist_adder.heldout import HELDOUT_PRESETS, heldout_pair_list
 
 _MISSING = object()
 
@@ -65,6 +67,28 @@ def reject_threshold_problem(value: Any) -> str | None:
     if value is None or reject_threshold_off(value) or _is_number(value):
         return None
     return _bad("reject_threshold", value, REJECT_THRESHOLD_CHOICES)
+
+
+def check_reject_threshold(value: Any) -> None:
+    """Raise UserError (one line) unless `reject_threshold` is null, a number, off or false."""
+    problem = reject_threshold_problem(value)
+    if problem is not None:
+        raise UserError(f"{problem}.")
+
+
+# Hyperparameters are chosen on validation results only: the test set stays the final, untouched check.
+SELECTABLE_PREFIXES = ("val/", "best_val/")
+
+
+def optimized_metric_problem(name: Any) -> str | None:
+    """Why `optimized_metric` (what a search optimises) is not allowed (None if it is)."""
+    if name is None or str(name).startswith(SELECTABLE_PREFIXES):
+        return None
+    return (
+        f"optimized_metric={name!r}: a search may only optimise a validation metric (names starting "
+        f"with {' or '.join(SELECTABLE_PREFIXES)}, e.g. best_val/both_acc), never the test set, "
+        "which is kept for the final result"
+    )
 
 
 def accelerator_problem(accelerator: Any, by_group: bool) -> str | None:
@@ -213,6 +237,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
             "the digit loss is off and the sum loss is stopped before it; "
             "set model.net.adder_input=softmax (or a model.digit_weight > 0)"
         )
+    metric = get("optimized_metric")
+    if metric is not _MISSING and (problem := optimized_metric_problem(metric)) is not None:
+        problems.append(problem)
     val_size = get("data.val_size")
     if val_size is not _MISSING and (problem := val_size_problem(val_size)) is not None:
         problems.append(problem)
@@ -347,10 +374,8 @@ def check_resume(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path} is not a file: give the checkpoint to resume from, "
             "e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt."
         )
-    import torch  # here: the checks that need no checkpoint stop without loading it
-
     try:  # mmap: the weights are not read, only the config
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch_load(path, mmap=True)
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
         raise UserError(
             f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({type(err).__name__}: {err})."

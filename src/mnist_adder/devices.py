@@ -10,6 +10,11 @@ torch is imported inside the functions: a config check that does not ask about d
 typo) then stops in a second, without loading it.
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 CUDA_ACCELERATORS = ("gpu", "cuda")
 
 
@@ -23,6 +28,18 @@ def has_mps() -> bool:
     import torch
 
     return torch.backends.mps.is_available()
+
+
+def torch_device(accelerator: str = "auto") -> "torch.device":
+    """The device a `trainer.accelerator` lands on, as Lightning picks it: a CUDA GPU first, then MPS,
+    then the CPU."""
+    import torch
+
+    if str(accelerator) in CUDA_ACCELERATORS or (accelerator == "auto" and has_cuda()):
+        return torch.device("cuda", 0)
+    if accelerator == "mps" or (accelerator == "auto" and has_mps()):
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def machine_accelerators() -> str:

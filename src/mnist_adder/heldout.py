@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
+
 if TYPE_CHECKING:
     import torch
 
-NUM_DIGITS = 10
-NUM_SUMS = 2 * NUM_DIGITS - 1
 
 # One pair for each of the 19 sums 0..18 (digit + number), so every sum has a pair the adder never saw.
 # Chosen so that no digit and no number is held out more than twice: every digit keeps at least 8 of

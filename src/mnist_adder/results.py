@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mnist_adder.errors import UserError
+
 # Shown as they are, not in percent: a loss, calibration errors and the coherence gap (gaps between
 # probabilities, not accuracies).
 PLAIN_METRICS = (
@@ -54,6 +56,19 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_run_files(output_dir: Path, files: dict[str, dict[str, Any] | None]) -> None:
+    """Write each of `files` (name: content, None: not written) into `output_dir` as JSON, each whole or
+    not at all; a UserError for a file that cannot be written."""
+    for name, content in ((n, c) for n, c in files.items() if c is not None):
+        try:
+            write_json_atomic(output_dir / name, content)
+        except OSError as err:
+            raise UserError(
+                f"could not write {output_dir / name}: {err.strerror or err}; no partial file was "
+                "left (the results are in the log above). Free disk space or make the folder writable."
+            ) from err
 
 
 def format_results(metrics: dict[str, Any], stage: str = "test") -> str:

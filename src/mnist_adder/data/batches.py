@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-NUM_DIGITS = 10
-NUM_SUMS = 19
+from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

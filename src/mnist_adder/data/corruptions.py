@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_adder.data.augment import warp
-from mnist_adder.data.mnist import IMAGE_SIZE, MNIST_MEAN, MNIST_STD
+from mnist_adder.data.mnist import IMAGE_SIZE, MNIST_MEAN, MNIST_STD, to_pixels
 
 # pixels [N, 1, 28, 28] in 0..1, the corruption's level, a generator on the pixels' device -> pixels
 CorruptionFn = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
@@ -130,11 +130,6 @@ CORRUPTIONS: dict[str, Corruption] = {
     "thin": Corruption(thin, (2.0, 3.0, 4.0), "min-pool window"),
     "invert": Corruption(invert, (0.6, 0.8, 1.0), "inverted share"),
 }
-
-
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images back to pixels in 0..1 (the inverse of `normalize`, less its /255)."""
-    return (images * MNIST_STD + MNIST_MEAN).clamp(0, 1)
 
 
 def from_pixels(pixels: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import MNIST
 
+from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.errors import UserError
 
 # Mean and std of the 60,000 training images on a 0..1 scale; every consumer (training, eval,
@@ -30,7 +31,6 @@ MNIST_FILES = (
 # one uint32 per dimension. The images are [N, 28, 28], the labels [N].
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 IMAGE_SIZE = 28
-NUM_CLASSES = 10
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -110,6 +110,17 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     return (images_uint8.float().div_(255.0) - MNIST_MEAN) / MNIST_STD
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to pixels in 0..1 (the inverse of `normalize`, less its /255)."""
+    return (images * MNIST_STD + MNIST_MEAN).clamp(0, 1)
+
+
+def unnormalize(images: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to the uint8 pixels they were made from (the inverse of `normalize`), on
+    the CPU."""
+    return (to_pixels(images.detach().float().cpu()) * 255).round().to(torch.uint8)
+
+
 def _missing_data_message(data_dir: Path, download: bool, cause: BaseException) -> str:
     raw = raw_folder(data_dir)
     how = "the download failed (no network?)" if download else "downloading is off (data.download=false)"
@@ -152,7 +163,7 @@ def load_mnist(
     except (RuntimeError, OSError) as err:
         raise UserError(_missing_data_message(data_dir, download, err)) from err
     labels = dataset.targets.long()
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < NUM_CLASSES:
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < NUM_DIGITS:
         labels_path = raw_folder(data_dir) / split_files(train)[1]
         raise UserError(
             f"{labels_path} holds labels from {int(labels.min())} to {int(labels.max())}; MNIST labels "

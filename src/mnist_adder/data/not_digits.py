@@ -1,6 +1,6 @@
 """Images that are not digits, and real digits photographed, both as a user would hand them in.
 
-The measurement of "not a digit" (`mnist_adder.analysis.not_digit`) needs two sides, built here from a
+The measurement of "not a digit" (`mnist_adder.evaluation.not_digit`) needs two sides, built here from a
 seed, the same on every run on the same machine:
 
 - not digits: uniform and Gaussian noise, scribbles (random smooth strokes), shapes (circles, rectangles,

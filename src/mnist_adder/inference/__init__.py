@@ -1,1 +1,1 @@
-"""Using a trained model: loading a checkpoint, evaluating, predicting, exporting."""
+"""Using a trained model: loading a checkpoint, calibrating it, predicting, exporting, the demo."""

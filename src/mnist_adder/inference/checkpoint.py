@@ -1,8 +1,8 @@
 """Loading a training checkpoint alone: its stored run config rebuilds the model, then the weights go in.
 
-Every tool that uses a trained model (eval, predict, export) loads it here, so they all accept and refuse
-the same files with the same messages. What is fitted after training (the temperatures) is written into
-a checkpoint here too (`write_fitted_checkpoint`), by training and by scripts/calibrate.py alike.
+Every tool that uses a trained model (eval, calibrate, predict, export, the demo) loads it here, so they
+all accept and refuse the same files with the same messages; eval and calibrate rebuild the run's data and
+trainer here too (`run_datamodule`, `evaluation_trainer`).
 """
 
 import logging
@@ -10,36 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_adder.checkpoint_file import HOW_TO_GET_ONE, read_checkpoint
+from mnist_adder.cli import build
+from mnist_adder.config_checks import accelerator_problem, check_config
 from mnist_adder.errors import UserError
-from mnist_adder.models.not_digit import EARLIER_BUFFERS
-from mnist_adder.results import atomic_path
 from mnist_adder.training.module import DigitSumModule
 
 log = logging.getLogger(__name__)
-
-HOW_TO_GET_ONE = (
-    "Pass the .ckpt file of a training run, e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt "
-    "(metrics.json of the run names the best one)."
-)
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist. {HOW_TO_GET_ONE}")
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file. {HOW_TO_GET_ONE}")
-    try:
-        # weights_only: a checkpoint is user input, so it is unpickled without running arbitrary code.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # garbage makes the unpickler fail in many ways; all mean "not a checkpoint"
-        raise UserError(
-            f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            f"{HOW_TO_GET_ONE}"
-        ) from err
-    return checkpoint if isinstance(checkpoint, dict) else {}
 
 
 def _stored_config(checkpoint: dict[str, Any], path: Path) -> DictConfig:
@@ -61,7 +41,7 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
     another project.
     """
     path = Path(path)
-    checkpoint = _read(path)
+    checkpoint = read_checkpoint(path)
     config = _stored_config(checkpoint, path)
     try:
         module = hydra.utils.instantiate(config.model)
@@ -78,40 +58,54 @@ def load_checkpoint(path: str | Path) -> tuple[DigitSumModule, DictConfig]:
         raise UserError(
             f"the weights in {path} do not fit the model its config describes: {str(err).splitlines()[0]}"
         ) from err
-    if any(f"net.not_digit.{name}" in checkpoint["state_dict"] for name in EARLIER_BUFFERS):
-        log.warning(
-            "%s holds the earlier not-a-digit detector (a linear discriminant), which this version no "
-            "longer reads: it refuses nothing. Fit the current one with python scripts/calibrate.py "
-            "ckpt_path=%s",
-            path,
-            path,
-        )
     return module.eval(), config
 
 
-def write_fitted_checkpoint(
-    source: str | Path, target: str | Path, module: DigitSumModule, records: dict[str, Any]
-) -> Path:
-    """Write the checkpoint `source` to `target` (which may be `source` itself) with the weights and
-    buffers of `module` and each of `records` as a top-level entry (e.g. {"calibration": {...}}).
-
-    `module` holds the weights read from `source` plus what was fitted on them after training (the
-    temperatures are buffers of the net), so the file then holds exactly the model that is tested and
-    handed over. The rest (run config, the raw weights and optimizer and callback states for resuming)
-    stays as it was. Written atomically, as the training checkpoints: a reader, or a run killed meanwhile,
-    sees the old file or the whole new one.
-    """
-    checkpoint = _read(Path(source))
-    checkpoint["state_dict"] = {
-        name: value.detach().cpu().clone() for name, value in module.state_dict().items()
-    }
-    checkpoint |= records
-    try:
-        with atomic_path(target) as tmp:
-            torch.save(checkpoint, tmp)
-    except OSError as err:
+def load_given_checkpoint(cfg: DictConfig, script: str) -> tuple[Path, DigitSumModule, DictConfig]:
+    """(its resolved path, the model, its run config) of `cfg.ckpt_path`, after `check_config(cfg)`; a
+    UserError naming `script` (scripts/<script>.py) when no checkpoint is given."""
+    check_config(cfg)
+    if not cfg.get("ckpt_path"):
         raise UserError(
-            f"could not write {target}: {err.strerror or err}; it was left as it was (no partial file). "
-            "Free disk space or make the folder writable."
-        ) from err
-    return Path(target)
+            f"no checkpoint given: python scripts/{script}.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
+        )
+    ckpt_path = Path(cfg.ckpt_path).resolve()
+    return ckpt_path, *load_checkpoint(ckpt_path)
+
+
+def evaluation_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+    """The checkpoint's own trainer config, on one device, without callbacks, loggers or checkpoints."""
+    overrides: dict[str, Any] = {
+        "devices": 1,
+        "num_nodes": 1,
+        "strategy": "auto",
+        "sync_batchnorm": False,
+        "fast_dev_run": False,
+        "logger": False,
+        "callbacks": [],
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(output_dir),
+        "enable_progress_bar": cfg.trainer.enable_progress_bar,
+    }
+    for key in ("accelerator", "precision"):
+        if cfg.trainer.get(key) is not None:
+            overrides[key] = cfg.trainer[key]
+    # The checkpoint's accelerator may be one this machine lacks (trained on a GPU, tested on a laptop).
+    problem = accelerator_problem(overrides.get("accelerator", stored.get("accelerator")), by_group=False)
+    if problem is not None:
+        raise UserError(
+            f"{problem} (the checkpoint was trained with accelerator={stored.get('accelerator')}; on another "
+            "accelerator the numbers may differ from training's in the last digits)."
+        )
+    return build(stored, "trainer", **overrides)
+
+
+def run_datamodule(run_config: DictConfig, cfg: DictConfig) -> pl.LightningDataModule:
+    """The data as the checkpoint's run saw it (batch sizes, split and pair seeds), read from this
+    machine's data folder."""
+    data_config = run_config.data.copy()
+    data_config.data_dir = cfg.paths.data_dir
+    datamodule = build(data_config, "data")
+    datamodule.prepare_data()
+    return datamodule

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS
+from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
+from mnist_adder.config_checks import check_config
 from mnist_adder.data.preprocess import read_grayscale, to_grayscale, to_mnist_pixels, to_model_input
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
 from mnist_adder.inference.predict import (
     NotDigit,
     best_prediction,
-    check_reject_threshold,
     class_probabilities,
     not_digit_scores,
     numbers_for,
@@ -194,7 +194,7 @@ def _port(value: Any) -> int:
 
 def serve(cfg: DictConfig) -> None:
     """Load the checkpoint and serve the demo until Ctrl-C (raises UserError on bad options)."""
-    check_reject_threshold(cfg.get("reject_threshold"))
+    check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
     port = _port(cfg.get("port", 7860))

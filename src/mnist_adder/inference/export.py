@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from mnist_adder.data.batches import NUM_DIGITS
+from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from mnist_adder.config_checks import reject_threshold_off, reject_threshold_problem
-from mnist_adder.data.batches import NUM_DIGITS
+from mnist_adder.classes import NUM_DIGITS
+from mnist_adder.config_checks import check_config, check_reject_threshold, reject_threshold_off
 from mnist_adder.data.preprocess import is_image_name, preprocess_image
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
@@ -78,13 +78,6 @@ class NotDigit:
 class Failure:
     image: str
     error: str
-
-
-def check_reject_threshold(value: Any) -> None:
-    """Raise UserError (one line) unless `reject_threshold` is null, a number, off or false."""
-    problem = reject_threshold_problem(value)
-    if problem is not None:
-        raise UserError(f"{problem}.")
 
 
 def reject_threshold(value: Any, module: torch.nn.Module) -> float | None:
@@ -248,7 +241,7 @@ def predict(cfg: DictConfig) -> list[Prediction | NotDigit | Failure]:
     output_format = cfg.get("format", "text")
     if output_format not in FORMATS:
         raise UserError(f"format={output_format!r} is not one of {', '.join(FORMATS)}.")
-    check_reject_threshold(cfg.get("reject_threshold"))
+    check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
     paths = image_paths(cfg.get("image"))

@@ -23,8 +23,8 @@ import math
 import torch
 from torch import nn
 
-NUM_DIGITS = 10
-NUM_SUMS = 2 * NUM_DIGITS - 1
+from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
+
 LOG_PROB_FLOOR = -30.0
 # The kernel logits are the weights times this gain. Adam moves each weight by about the learning rate
 # per step, whatever its scale, and a sharp kernel needs logits about 10 apart: without the gain the

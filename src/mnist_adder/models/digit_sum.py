@@ -25,17 +25,15 @@ class DigitSumNet(nn.Module):
     add a distribution, so they take the softmax only (`mnist_adder.adder_inputs`).
 
     The returned logits are divided by `digit_temperature` and `sum_temperature` (1 unless a checkpoint
-    was calibrated, see `mnist_adder.analysis.calibration`). The adder always sees the raw digit output,
+    was calibrated, see `mnist_adder.postfit.temperature`). The adder always sees the raw digit output,
     so a temperature changes the probabilities of a head, never its argmax and never the sum.
 
     `test_shifts`: out of training (eval mode), the digit logits are the mean log-probabilities of the
     image and its copies shifted by one pixel up, down, left and right (test-time augmentation: five
-    backbone passes, about five times the cost of a prediction), and the adder reads them.
-    Training (and validation, part of it) is unchanged. `experiment=fast` turns it on, for the accuracy
-    it adds at the same training (docs/speed.md).
+    backbone passes), and the adder reads them. Training (and validation, part of it) is unchanged.
 
     `not_digit` scores how little an image looks like a digit (`mnist_adder.models.not_digit`; empty, so
-    no score, until fitted by `mnist_adder.analysis.not_digit`); `forward_with_not_digit` gives it beside
+    no score, until fitted by `mnist_adder.postfit.not_digit`); `forward_with_not_digit` gives it beside
     the two heads. It reads the backbone's `features_and_logits`, which both backbones define.
     """
 
@@ -106,8 +104,8 @@ class DigitSumNet(nn.Module):
     def shift_averaged_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Digit log-probabilities [B, 10] averaged over the image and its four one-pixel shifts. MNIST
         digits sit in a 20x20 box with a 4-pixel background margin, so a roll wraps background only."""
-        # One backbone pass per view: on the CPU a pass over 5B images at once is slower than five over B
-        # (measured: 0.28 s against 5 x 0.03 s for B = 2000).
+        # One backbone pass per view: on the CPU one pass over 5B images is slower than five over B
+        # (docs/experiment-log.md).
         views = [image, *(torch.roll(image, shifts=shift, dims=(2, 3)) for shift in SHIFTS)]
         return torch.stack([self.backbone(view).log_softmax(dim=-1) for view in views]).mean(dim=0)
 

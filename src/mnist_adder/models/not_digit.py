@@ -6,17 +6,13 @@ logits: the input of the last layer, and the mean and standard deviation of ever
 conv block (the "feature ensemble" of Lee et al. 2018). On them, standardised by the digits' mean and
 scale, one hidden ReLU layer and a linear output give the log-odds that the image is not a digit: outlier
 exposure (Hendrycks et al. 2019, "Deep Anomaly Detection with Outlier Exposure") as a head of its own, fitted
-on the frozen backbone against noise, scribbles, shapes and letters (`mnist_adder.analysis.not_digit`), so
+on the frozen backbone against noise, scribbles, shapes and letters (`mnist_adder.postfit.not_digit`), so
 the digit and sum heads stay as they were trained. An image is "not a digit" when its score is above
 `threshold`, set so that a stated share of real validation digits is accepted.
 
-A linear discriminant (one Gaussian per digit class and per group of not-digits, shared covariance) was
-this detector before: it refused 93.0 % of not-digits where this one refuses 96.8 % at the same 99 % of digits
-accepted (docs/not_a_digit.md). The buffers and the score stay float64, as the discriminant's had to be:
-cheap at this size, and the exported outputs keep their types.
-
-The buffers are empty until fitted: a net without them (every checkpoint from before this existed, and
-those whose detector was the linear discriminant) has no detector and refuses nothing.
+The buffers and the score are float64: cheap at this size, and the exported outputs keep their types.
+The buffers are empty until fitted: a net without them (a checkpoint from before the detector existed)
+has no detector and refuses nothing.
 """
 
 from collections.abc import Sequence
@@ -25,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-NUM_DIGIT_CLASSES = 10
 DETECTOR_BUFFERS = (
     "mean",
     "scale",
@@ -35,9 +30,6 @@ DETECTOR_BUFFERS = (
     "output_bias",
     "threshold",
 )
-# The buffers of the linear discriminant that was the detector before: a checkpoint that holds them loads
-# without a detector (see `_load_from_state_dict`).
-EARLIER_BUFFERS = ("weight", "bias")
 
 
 def detector_features(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -125,11 +117,8 @@ class NotDigitDetector(nn.Module):
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         # A fitted detector's buffers have the shapes of its features; a fresh one's are empty, so they
-        # take the stored shapes. A checkpoint without them (from before the detector, or with the
-        # earlier linear discriminant, whose buffers are dropped here) loads as "no detector", as the
-        # temperatures default to 1.
-        for name in EARLIER_BUFFERS:
-            state_dict.pop(prefix + name, None)
+        # take the stored shapes. A checkpoint without them (from before the detector) loads as "no
+        # detector", as the temperatures default to 1.
         for name in DETECTOR_BUFFERS:
             key = prefix + name
             if key in state_dict:

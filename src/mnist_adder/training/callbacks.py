@@ -235,3 +235,20 @@ def _kept_checkpoint(trainer: pl.Trainer) -> str:
     if newest is None:
         return "No checkpoint had been saved yet."
     return f"The newest checkpoint, saved before it, is kept: {newest}."
+
+
+def selected_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that selects on validation (one with a monitor); without one, the first
+    (its best_model_path is the newest, last.ckpt); None without checkpoints (fast_dev_run)."""
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    return next((cb for cb in checkpoints if cb.monitor), checkpoints[0] if checkpoints else None)
+
+
+def drop_weight_averaging(trainer: pl.Trainer) -> None:
+    """Take weight averaging out of the trainer once the fit is done.
+
+    The selected checkpoint's "state_dict" holds the averaged weights; the callback would load the raw
+    ones ("current_model_state", kept for resuming) over them when a test restores the checkpoint. Without
+    a checkpoint, on_train_end has already copied the average into the module.
+    """
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, WeightAveraging)]

@@ -1,11 +1,18 @@
-"""One torchmetrics Metric per stage holding running sums of everything we report.
+"""The torchmetrics of a run: one Metric per stage holding running sums of everything we report, the
+held-out pair and coherence metrics, and the expected calibration error with its reliability bins.
 
 A training step adds one small vector on the device; nothing is synced or read back until the epoch
 ends, when `compute()` reduces across processes (DDP) and turns sums into means.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassCalibrationError
+from torchmetrics.utilities import dim_zero_cat
+
+ECE_BINS = 15
 
 NAMES = ("loss", "digit_loss", "sum_loss", "digit_acc", "sum_acc", "both_acc", "sum_given_digit_acc")
 
@@ -110,3 +117,37 @@ class SumCoherenceGap(Metric):
     def compute(self) -> torch.Tensor:
         gap_total, n = self.totals
         return gap_total / n
+
+
+def calibration_error(num_classes: int, n_bins: int = ECE_BINS) -> MulticlassCalibrationError:
+    """The ECE metric of one head: `n_bins` equal-width confidence bins, L1 (the ECE of Guo et al.)."""
+    # validate_args=False: the argument checks would sync the device on every batch.
+    return MulticlassCalibrationError(num_classes, n_bins=n_bins, norm="l1", validate_args=False)
+
+
+def reliability_bins(
+    confidences: torch.Tensor | Sequence[torch.Tensor],
+    accuracies: torch.Tensor | Sequence[torch.Tensor],
+    n_bins: int = ECE_BINS,
+) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: the number of samples, their mean confidence and their accuracy
+    (0 for an empty bin). A confidence of exactly 1 falls into the last bin."""
+    confidences = dim_zero_cat(confidences).detach().float().cpu()
+    right = dim_zero_cat(accuracies).detach().float().cpu()
+    index = (confidences * n_bins).long().clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins).index_add_(0, index, torch.ones_like(confidences))
+    confidence_sum = torch.zeros(n_bins).index_add_(0, index, confidences)
+    right_sum = torch.zeros(n_bins).index_add_(0, index, right)
+    filled = count.clamp(min=1)
+    return {
+        "count": count.tolist(),
+        "confidence": (confidence_sum / filled).tolist(),
+        "accuracy": (right_sum / filled).tolist(),
+    }
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """The ECE of one head from its logits [N, C] and the true classes [N], as the test metric computes it."""
+    metric = calibration_error(logits.shape[-1], n_bins)
+    metric.update(logits.float().softmax(dim=-1), labels)
+    return float(metric.compute())

@@ -11,11 +11,16 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_adder.analysis.calibration import calibration_error, reliability_bins
 from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
 from mnist_adder.heldout import heldout_sums
 from mnist_adder.models.digit_sum import TEMPERATURES, DigitSumNet
-from mnist_adder.training.metrics import DigitSumMetrics, HeldoutPairSumAccuracy, SumCoherenceGap
+from mnist_adder.training.metrics import (
+    DigitSumMetrics,
+    HeldoutPairSumAccuracy,
+    SumCoherenceGap,
+    calibration_error,
+    reliability_bins,
+)
 
 STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
@@ -230,7 +235,7 @@ class DigitSumModule(pl.LightningModule):
         self._end_calibration_epoch("test")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The temperatures are fitted after training (inference/calibrate.py): a run that trains on from a
+        # The temperatures are fitted after training (mnist_adder.postfit): a run that trains on from a
         # calibrated checkpoint trains the raw logits, as the run that wrote it did, and fits them again at
         # its end. Called before the weights (and weight averaging's copies of them) are loaded.
         if self._trainer is None or self._trainer.state.fn != TrainerFn.FITTING:

@@ -11,8 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
+from mnist_adder.cli import _in_multirun
 from mnist_adder.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,3 +94,12 @@ def _link(session_dir: Path, origin: Path, ckpt: Path) -> None:
             f.write(f"resumed from {ckpt.resolve()}; log and config of that command: {session_dir}\n")
     except OSError as err:
         log.warning("Could not record the link between %s and %s: %s", session_dir, origin, err)
+
+
+def claim_run_folder(cfg: DictConfig) -> Path:
+    """`claim_output_dir` for a training config; a resumed run continues in the checkpoint's own run
+    folder, and `cfg.paths.output_dir` then names it."""
+    output_dir = claim_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), _in_multirun())
+    if output_dir != Path(cfg.paths.output_dir).resolve():
+        cfg.paths.output_dir = str(output_dir)
+    return output_dir

@@ -12,8 +12,9 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mnist_adder.analysis.render import confusion_matrix_figure, misclassified_grid
-from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
+from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
+from mnist_adder.data.batches import Batch
+from mnist_adder.render import confusion_matrix_figure, misclassified_grid
 
 
 class ValidationImages(pl.Callback):

@@ -1,5 +1,6 @@
-"""The training pipeline behind scripts/train.py: fit, select on validation, fit the temperatures on the
-selected weights (training/post_training.py), test the checkpoint handed over."""
+"""The training pipeline behind scripts/train.py: checks, run folder, build, fit, select on validation,
+fit what is fitted on the selected weights (`mnist_adder.postfit`), test the checkpoint handed over,
+write the results."""
 
 import inspect
 import logging
@@ -10,21 +11,28 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, Timer, WeightAveraging
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mnist_adder.analysis.not_digit import format_not_digit
-from mnist_adder.cli import _in_multirun, build
+from mnist_adder.checkpoint_file import read_checkpoint
+from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config, check_resume
-from mnist_adder.errors import UserError
-from mnist_adder.inference.calibrate import CHANGED_BY_TEMPERATURE, format_calibration, with_test_results
-from mnist_adder.results import format_results, write_json_atomic
-from mnist_adder.training.callbacks import FlushLoggers, NonFiniteLossGuard, RandomState
+from mnist_adder.postfit.fit import detector_fit, fit_post_training
+from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, format_not_digit
+from mnist_adder.postfit.store import store_post_training
+from mnist_adder.postfit.temperature import CHANGED_BY_TEMPERATURE, format_calibration, with_test_results
+from mnist_adder.results import format_results, write_run_files
+from mnist_adder.training.callbacks import (
+    FlushLoggers,
+    NonFiniteLossGuard,
+    RandomState,
+    drop_weight_averaging,
+    selected_checkpoint,
+)
 from mnist_adder.training.config_tree import print_config_tree
 from mnist_adder.training.module import DigitSumModule
-from mnist_adder.training.post_training import fit_post_training, load_weights, store_post_training
-from mnist_adder.training.run_dir import claim_output_dir
+from mnist_adder.training.run_dir import claim_run_folder
 from mnist_adder.training.scaleout import check_process_launch, lost_peers_stop_clearly
 
 log = logging.getLogger(__name__)
@@ -58,40 +66,9 @@ def _log_config(logger: Logger, config: dict[str, Any], test_metrics: dict[str, 
         logger.log_hyperparams(config)
 
 
-def _uncalibrated_test(
-    trainer: pl.Trainer, module: DigitSumModule, datamodule: pl.LightningDataModule
-) -> dict[str, float]:
-    """The test metrics of the weights in `module` at temperature 1, for metrics.json's `*_uncalibrated`
-    keys; the fitted temperatures are set back after. The loggers get only the test of the model handed
-    over, so this one is kept from them."""
-    temperatures = module.net.temperatures()
-    module.net.set_temperatures(1.0, 1.0)
-    loggers, trainer.loggers = trainer.loggers, []
-    try:
-        return trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    finally:
-        trainer.loggers = loggers
-        module.net.set_temperatures(*temperatures)
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
-    check_config(cfg)  # every bad config value stops the run here, before anything is built
-    check_resume(cfg)
-    output_dir = claim_output_dir(Path(cfg.paths.output_dir), cfg.get("ckpt_path"), _in_multirun())
-    if output_dir != Path(cfg.paths.output_dir).resolve():
-        cfg.paths.output_dir = str(output_dir)  # resuming: continue in the checkpoint's own run folder
-    if cfg.get("extras") and cfg.extras.get("print_config"):
-        print_config_tree(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-
-    datamodule = build(cfg.data, "data")
-    datamodule.prepare_data()  # a missing dataset stops the run here, before anything is built
-    module = build(cfg.model, "model")
-    # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
-    module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
-
-    # Always on, whatever the callbacks group: exact resumes and a stop on a NaN/inf loss.
+def _build_trainer(cfg: DictConfig) -> pl.Trainer:
+    """The trainer of `cfg`, with the callbacks that are always on (exact resumes, a stop on a NaN/inf
+    loss) whatever the callbacks group, and the loggers."""
     callbacks = [
         *instantiate_group(cfg.get("callbacks"), "callbacks"),
         RandomState(),
@@ -101,65 +78,74 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer: pl.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     check_process_launch(trainer)
+    return trainer
 
+
+def _fit(
+    trainer: pl.Trainer, module: DigitSumModule, datamodule: pl.LightningDataModule, ckpt_path: str | None
+) -> float | None:
+    """`trainer.fit`; return its seconds (None without a Timer). SIGTERM ends the process as killed by it."""
     try:
         with lost_peers_stop_clearly(trainer, "training"):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         # InterruptCheckpoint has saved last.ckpt and logged how to continue; exit as killed by SIGTERM.
         log.error("Training stopped by SIGTERM.")
         raise SystemExit(128 + signal.SIGTERM) from None
     timer = _find(trainer.callbacks, Timer)
     # Read now: testing a checkpoint reloads the Timer's state saved in it.
-    fit_seconds = round(timer.time_elapsed("train"), 3) if timer is not None else None
+    return round(timer.time_elapsed("train"), 3) if timer is not None else None
 
-    # The checkpoint that selects on validation; without one, the newest (last.ckpt) is tested.
-    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
-    checkpoint = next((cb for cb in checkpoints if cb.monitor), checkpoints[0] if checkpoints else None)
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
-    # The selected checkpoint's "state_dict" holds the averaged weights where weight averaging is on; its
-    # callback would load the raw ones ("current_model_state", kept for resuming) over them when the test
-    # restores the checkpoint, so it sits the test out. Without a checkpoint, on_train_end has already
-    # copied the average into the module.
-    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, WeightAveraging)]
-    # fast_dev_run writes no checkpoint: the weights in memory are fitted, tested and not stored then.
-    if best_path:
-        load_weights(module, best_path)
-    fitted = fit_post_training(module, build(cfg.data, "data"), cfg)
-    uncalibrated, bins_uncalibrated = None, None
-    if "calibration" in fitted:
-        with lost_peers_stop_clearly(trainer, "testing"):
-            uncalibrated = _uncalibrated_test(trainer, module, datamodule)
-        bins_uncalibrated = dict(module.calibration_results)
-    ckpt_path = best_path
-    if best_path and fitted:
-        ckpt_path = store_post_training(trainer, best_path, output_dir, module, fitted)
-    # The test of the checkpoint handed over, read back from its file.
+
+def _test(trainer: pl.Trainer, module: DigitSumModule, datamodule: Any, ckpt_path: str | None = None) -> dict:
     with lost_peers_stop_clearly(trainer, "testing"):
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path or None, verbose=False)
-    test_metrics = tested[0]
+        return trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
 
-    results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
+
+def _uncalibrated_test(
+    trainer: pl.Trainer, module: DigitSumModule, datamodule: pl.LightningDataModule
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The test metrics and reliability bins of the weights in `module` at temperature 1, for
+    metrics.json's `*_uncalibrated` keys and calibration.json; the fitted temperatures are set back after.
+    The loggers get only the test of the model handed over, so this one is kept from them."""
+    temperatures = module.net.temperatures()
+    module.net.set_temperatures(1.0, 1.0)
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        return _test(trainer, module, datamodule), dict(module.calibration_results)
+    finally:
+        trainer.loggers = loggers
+        module.net.set_temperatures(*temperatures)
+
+
+def _results(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: DigitSumModule,
+    checkpoint: ModelCheckpoint | None,
+    tested: dict[str, float],
+    uncalibrated: dict[str, float] | None,
+    fitted: dict[str, Any],
+    ckpt_path: str,
+    fit_seconds: float | None,
+) -> dict[str, Any]:
+    """metrics.json: the test of the checkpoint handed over, and what the run was."""
+    results: dict[str, Any] = {name: float(value) for name, value in tested.items()}
     digit_temperature, sum_temperature = module.net.temperatures()
     results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
-    calibration = None
     if uncalibrated is not None:
-        calibration = {"ckpt_path": ckpt_path or None} | with_test_results(
-            fitted["calibration"], uncalibrated, test_metrics, (bins_uncalibrated, module.calibration_results)
-        )
         results |= {
             f"test/{name}_uncalibrated": float(uncalibrated[f"test/{name}"])
             for name in CHANGED_BY_TEMPERATURE
             if f"test/{name}" in uncalibrated
         }
     not_digit = fitted.get("not_digit")
+    best_score = checkpoint.best_model_score if checkpoint is not None else None
     results |= {
         "ckpt_path": ckpt_path or None,
         # Above it, an image is refused as not a digit (None: no detector, not_digit_accept=null).
         "not_digit_threshold": not_digit["threshold"] if not_digit else None,
-        "best_val/both_acc": float(checkpoint.best_model_score)
-        if checkpoint is not None and checkpoint.best_model_score is not None
-        else None,
+        "best_val/both_acc": float(best_score) if best_score is not None else None,
         "fit_seconds": fit_seconds,
         "num_parameters": sum(p.numel() for p in module.net.parameters()),
         "precision": str(trainer.precision),  # as run: trainer=auto decides it on the machine
@@ -168,26 +154,73 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "resumed_from": cfg.get("ckpt_path"),
     }
     # Lists of 10 and 19 per-class accuracies: in metrics.json, not in the hparams tab (scalars only).
-    results |= {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
+    return results | {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
+
+
+def _report(
+    trainer: pl.Trainer,
+    module: DigitSumModule,
+    results: dict[str, Any],
+    calibration: dict[str, Any] | None,
+    not_digit: dict[str, Any] | None,
+    output_dir: Path,
+) -> None:
+    """The config and test scalars to the loggers, the summaries to the log, metrics.json and
+    calibration.json (scripts/calibrate.py writes it too; the results page draws from it) to the run."""
+    test_scalars = {k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, float)}
+    for logger in trainer.loggers:
+        _log_config(logger, module.hparams["config"], test_scalars)
+    if calibration is not None:
+        log.info("%s", format_calibration(calibration))
+    if not_digit:
+        log.info("%s", format_not_digit(not_digit))
+    log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
+    write_run_files(output_dir, {"metrics.json": results, "calibration.json": calibration})
+    log.info("Run folder: %s", output_dir)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
+    check_config(cfg)  # every bad config value stops the run here, before anything is built
+    check_resume(cfg)
+    output_dir = claim_run_folder(cfg)
+    if cfg.get("extras") and cfg.extras.get("print_config"):
+        print_config_tree(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build(cfg.data, "data")
+    datamodule.prepare_data()  # a missing dataset stops the run here, before anything is built
+    module = build(cfg.model, "model")
+    # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
+    module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
+    detector = detector_fit(cfg)  # built now: a refused value stops the run before the fit, not after
+    trainer = _build_trainer(cfg)
+    fit_seconds = _fit(trainer, module, datamodule, cfg.get("ckpt_path"))
+
+    checkpoint = selected_checkpoint(trainer)
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    drop_weight_averaging(trainer)
+    if best_path:  # fast_dev_run writes no checkpoint: the weights in memory are fitted and tested then
+        module.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    # Post-fit on the whole splits (a datamodule not attached to the trainer), then the test at T = 1.
+    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    fitted = fit_post_training(
+        module.net, build(cfg.data, "data"), cfg.get("calibrate", True), accept, detector
+    )
+    uncalibrated, bins_uncalibrated = (
+        _uncalibrated_test(trainer, module, datamodule) if "calibration" in fitted else (None, None)
+    )
+    ckpt_path = best_path
+    if best_path and fitted:
+        ckpt_path = store_post_training(trainer, best_path, output_dir, module, fitted)
+    tested = _test(trainer, module, datamodule, ckpt_path or None)  # the file handed over, read back
+
+    results = _results(cfg, trainer, module, checkpoint, tested, uncalibrated, fitted, ckpt_path, fit_seconds)
+    calibration = None
+    if uncalibrated is not None:
+        calibration = {"ckpt_path": ckpt_path or None} | with_test_results(
+            fitted["calibration"], uncalibrated, tested, (bins_uncalibrated, module.calibration_results)
+        )
     if trainer.is_global_zero:
-        test_scalars = {k: v for k, v in results.items() if k.startswith("test/") and isinstance(v, float)}
-        for logger in trainer.loggers:
-            _log_config(logger, module.hparams["config"], test_scalars)
-        if calibration is not None:
-            log.info("%s", format_calibration(calibration))
-        if not_digit:
-            log.info("%s", format_not_digit(not_digit))
-        log.info("Results (MNIST test set, fixed pairs):\n%s", format_results(results))
-        # The results, then the calibration summary scripts/calibrate.py also writes (the results page
-        # draws its reliability diagrams from it); each whole or not at all.
-        outputs = {"metrics.json": results, "calibration.json": calibration}
-        for name, content in ((n, c) for n, c in outputs.items() if c is not None):
-            try:
-                write_json_atomic(output_dir / name, content)
-            except OSError as err:
-                raise UserError(
-                    f"could not write {output_dir / name}: {err.strerror or err}; no partial file was "
-                    "left (the results are in the log above). Free disk space or make the folder writable."
-                ) from err
-        log.info("Run folder: %s", output_dir)
+        _report(trainer, module, results, calibration, fitted.get("not_digit"), output_dir)
     return results

@@ -32,6 +32,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import make_batch
+from mnist_adder.devices import torch_device
 from mnist_adder.inference.checkpoint import load_checkpoint
 from mnist_adder.training.train import train
 
@@ -323,12 +324,7 @@ def _trainer_choice() -> str:
 
 
 def _device_of(cfg: DictConfig) -> torch.device:
-    accelerator = str(cfg.trainer.accelerator)
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", 0)
-    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch_device(str(cfg.trainer.accelerator))
 
 
 def _describe(device: torch.device) -> str:

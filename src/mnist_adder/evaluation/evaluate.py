@@ -5,7 +5,7 @@ and its fixed test pairs, the trainer's precision and test limits), so a checkpo
 the test numbers its training run wrote to metrics.json. The eval run folder also gets a reliability
 diagram per head (PNG, and in its own TensorBoard events) and, with robustness=true, the test under
 corruptions (robustness.json); with not_digits=true, the measurement of "not a digit" against its
-baselines (not_digits.json, see `mnist_adder.analysis.not_digit`).
+baselines (not_digits.json, see `mnist_adder.evaluation.not_digit`).
 """
 
 import logging
@@ -16,56 +16,18 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from mnist_adder.analysis.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector, format_not_digits, measure
-from mnist_adder.analysis.render import reliability_diagram_figure
-from mnist_adder.analysis.robustness import evaluate_robustness, format_robustness
-from mnist_adder.cli import build
-from mnist_adder.config_checks import accelerator_problem, check_config
 from mnist_adder.data.preprocess import is_image_name
 from mnist_adder.errors import UserError
-from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.evaluation.not_digit import format_not_digits, measure
+from mnist_adder.evaluation.robustness import evaluate_robustness, format_robustness
+from mnist_adder.inference.checkpoint import evaluation_trainer, load_given_checkpoint, run_datamodule
 from mnist_adder.inference.predict import reject_threshold
+from mnist_adder.postfit.fit import detector_fit
+from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
+from mnist_adder.render import reliability_diagram_figure
 from mnist_adder.results import format_per_class, format_results, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-def evaluation_trainer(stored: DictConfig, cfg: DictConfig, output_dir: Path) -> pl.Trainer:
-    """The checkpoint's own trainer config, on one device, without callbacks, loggers or checkpoints."""
-    overrides: dict[str, Any] = {
-        "devices": 1,
-        "num_nodes": 1,
-        "strategy": "auto",
-        "sync_batchnorm": False,
-        "fast_dev_run": False,
-        "logger": False,
-        "callbacks": [],
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(output_dir),
-        "enable_progress_bar": cfg.trainer.enable_progress_bar,
-    }
-    for key in ("accelerator", "precision"):
-        if cfg.trainer.get(key) is not None:
-            overrides[key] = cfg.trainer[key]
-    # The checkpoint's accelerator may be one this machine lacks (trained on a GPU, tested on a laptop).
-    problem = accelerator_problem(overrides.get("accelerator", stored.get("accelerator")), by_group=False)
-    if problem is not None:
-        raise UserError(
-            f"{problem} (the checkpoint was trained with accelerator={stored.get('accelerator')}; on another "
-            "accelerator the numbers may differ from training's in the last digits)."
-        )
-    return build(stored, "trainer", **overrides)
-
-
-def run_datamodule(run_config: DictConfig, cfg: DictConfig) -> pl.LightningDataModule:
-    """The data as the checkpoint's run saw it (batch sizes, split and pair seeds), read from this
-    machine's data folder."""
-    data_config = run_config.data.copy()
-    data_config.data_dir = cfg.paths.data_dir
-    datamodule = build(data_config, "data")
-    datamodule.prepare_data()
-    return datamodule
 
 
 def _reliability_diagrams(results: dict[str, Any], output_dir: Path, writer: SummaryWriter) -> None:
@@ -114,11 +76,12 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
     accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
     datamodule.setup("fit")
     net = module.net
+    fit = detector_fit(cfg)
     fitted = None
     if not net.not_digit.fitted:
         log.info("The checkpoint has no not-a-digit detector: fitting one as scripts/calibrate.py does.")
         fitted = fit_not_digit_detector(
-            net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept
+            net, datamodule.split_tensors("train"), datamodule.split_tensors("val"), accept, fit
         )
     threshold = reject_threshold(cfg.get("reject_threshold"), module)
     if threshold is None:
@@ -138,6 +101,7 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
         threshold=threshold,
         seed=cfg.get("not_digits_seed", 0),
         accept=accept,
+        fit=fit,
     )
     report = {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), "fitted_here": fitted, **report}
     write_json_atomic(Path(cfg.paths.output_dir) / "not_digits.json", report)
@@ -146,15 +110,8 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `cfg.ckpt_path`; return the results also written to `<output_dir>/metrics.json`."""
-    check_config(cfg)
-    if not cfg.get("ckpt_path"):
-        raise UserError(
-            f"no checkpoint given: python scripts/eval.py ckpt_path=<file.ckpt>. {HOW_TO_GET_ONE}"
-        )
-    check_config(cfg)
-    ckpt_path = Path(cfg.ckpt_path).resolve()
+    ckpt_path, module, run_config = load_given_checkpoint(cfg, "eval")
     output_dir = Path(cfg.paths.output_dir)
-    module, run_config = load_checkpoint(ckpt_path)
 
     datamodule = run_datamodule(run_config, cfg)
     trainer = evaluation_trainer(run_config.trainer, cfg, output_dir)

@@ -24,13 +24,16 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, ScalarFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
-from mnist_adder.analysis.curves import epoch_curves
-from mnist_adder.analysis.not_digit import METHOD_NAMES
-from mnist_adder.analysis.render import draw_reliability
-from mnist_adder.analysis.report import (
+from mnist_adder.data.not_digits import NOT_DIGIT_KINDS
+from mnist_adder.errors import UserError
+from mnist_adder.evaluation.not_digit import METHOD_NAMES
+from mnist_adder.render import draw_reliability
+from mnist_adder.reporting.curves import epoch_curves
+from mnist_adder.reporting.report import (
     RUNS_FILE,
     SUMMARY_FORMAT,
     Group,
@@ -47,8 +50,6 @@ from mnist_adder.analysis.report import (
     task_name,
     unfinished,
 )
-from mnist_adder.data.not_digits import NOT_DIGIT_KINDS
-from mnist_adder.errors import UserError
 from mnist_adder.results import write_json_atomic
 
 PAGE_FILE = "index.md"
@@ -271,56 +272,133 @@ def _mean_curve(runs: Sequence[dict[str, Any]], tag: str) -> tuple[list[int], An
     return epochs, values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
+def _short_value(key: str, value: str) -> str:
+    """A group label's value as a figure shows it: `sum-only` for model.digit_weight=0, `none` for null,
+    nothing for a default (the plain case needs no word), else the value itself."""
+    if value == "(default)":
+        return ""
+    if value == "null":
+        return "none"
+    if key.endswith("digit_weight") and value in ("0", "0.0"):
+        return "sum-only"
+    return value
+
+
+def _label_parts(groups: Sequence[Group]) -> tuple[list[str], list[dict[str, str]]]:
+    """The keys that differ between the groups' labels (`key=value` words, as --group-by writes them),
+    and per group its short value of each (`_short_value`)."""
+    parsed = [dict(w.split("=", 1) if "=" in w else (w, w) for w in g.label.split(" ")) for g in groups]
+    keys = [k for k in dict.fromkeys(k for p in parsed for k in p) if len({p.get(k) for p in parsed}) > 1]
+    return keys, [{k: _short_value(k, p.get(k, "(default)")) for k in keys} for p in parsed]
+
+
+def _panel_layout(groups: Sequence[Group]) -> tuple[list[str], list[str], list[tuple[str, list[int]]]]:
+    """Small multiples from the labels: (column names, row names, per group ((row, column) of its panel,
+    its index, its name in the panel)). The first differing key makes the columns, a third one the rows;
+    the rest names the group inside its panel."""
+    keys, shorts = _label_parts(groups)
+    col_key = keys[0] if len(keys) >= 2 else None
+    row_key = keys[-1] if len(keys) >= 3 else None
+    columns = list(dict.fromkeys(s[col_key] for s in shorts)) if col_key else [""]
+    rows = list(dict.fromkeys(s[row_key] for s in shorts)) if row_key else [""]
+    inner = [k for k in keys if k not in (col_key, row_key)]
+    cells = []
+    for k, short in enumerate(shorts):
+        cell = (short[row_key] if row_key else "", short[col_key] if col_key else "")
+        cells.append((cell, k, ", ".join(v for key in inner if (v := short[key])) or "default"))
+    return columns, rows, cells
+
+
+def _row_title(row: str) -> str:
+    return row or "both losses"
+
+
 def speed_figure(groups: Sequence[Group]) -> Figure | None:
-    """Test digit and sum accuracy against fit seconds: every run a dot, each configuration's mean a ring."""
+    """Test digit and sum accuracy against fit seconds: one panel per head and configuration column, every
+    run a dot coloured by the rest of its configuration, and each configuration's mean a ring."""
     points = [(k, g, j) for k, g in enumerate(groups) for j in g.completed if j.metrics.get("fit_seconds")]
     if not points:
         return None
-    figure = Figure(figsize=(11, 4.5 + _legend_height(len(groups))), layout="constrained")
-    axes = figure.subplots(1, 2, sharex=True)
-    for ax, head in zip(axes, HEADS, strict=True):
-        for k, group in enumerate(groups):
-            runs = [j for kk, _, j in points if kk == k]
-            if not runs:
-                continue
-            x = [j.metrics["fit_seconds"] for j in runs]
+    keys, shorts = _label_parts(groups)
+    col_key = keys[0] if len(keys) >= 2 else None
+    colour_key = keys[1] if len(keys) >= 2 else (keys[0] if keys else None)
+    marker_key = keys[2] if len(keys) >= 3 else None
+    columns = list(dict.fromkeys(s[col_key] for s in shorts)) if col_key else [""]
+    colours = list(dict.fromkeys(s[colour_key] for s in shorts)) if colour_key else [""]
+    markers = list(dict.fromkeys(s[marker_key] for s in shorts)) if marker_key else [""]
+    figure = Figure(figsize=(3.2 * len(columns) + 1, 6.2), layout="constrained")
+    axes = figure.subplots(len(HEADS), len(columns), sharex=True, sharey="row", squeeze=False)
+    for k, short in enumerate(shorts):
+        runs = [j for kk, _, j in points if kk == k]
+        if not runs:
+            continue
+        c = columns.index(short[col_key]) if col_key else 0
+        colour = _color(colours.index(short[colour_key]) if colour_key else 0)
+        marker = "os^Dv"[markers.index(short[marker_key]) % 5] if marker_key else "o"
+        x = [j.metrics["fit_seconds"] for j in runs]
+        for r, head in enumerate(HEADS):
             y = [100 * j.metrics[f"test/{head}_acc"] for j in runs]
-            ax.scatter(x, y, s=14, color=_color(k))
-            ax.scatter(
-                np.mean(x), np.mean(y), s=120, facecolors="none", edgecolors=_color(k), label=group.label
-            )
-        ax.set(xscale="log", xlabel="fit seconds (log scale)", ylabel=f"test {head} accuracy %")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter())
-        ax.set_title(f"{head} head: accuracy against training time", fontsize=10)
-        ax.grid(alpha=0.3)
-    _legend_below(figure, axes[0])
+            ax = axes[r, c]
+            ax.scatter(x, y, s=12, color=colour, marker=marker, alpha=0.6)
+            ax.scatter(np.mean(x), np.mean(y), s=90, facecolors="none", edgecolors=colour, marker=marker)
+    for c, column in enumerate(columns):
+        axes[0, c].set_title(column or "all runs", fontsize=10)
+        axes[-1, c].set_xlabel("fit seconds")
+        for r, head in enumerate(HEADS):
+            axes[r, c].grid(alpha=0.3)
+            if c == 0:
+                axes[r, c].set_ylabel(f"test {head} accuracy %")
+    handles = [
+        Line2D([], [], color=_color(i), marker="o", ls="", label=v or "default")
+        for i, v in enumerate(colours)
+    ]
+    if marker_key:
+        handles += [
+            Line2D([], [], color="0.3", marker="os^Dv"[i % 5], ls="", label=_row_title(v))
+            for i, v in enumerate(markers)
+        ]
+    figure.legend(
+        handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False
+    )
     return figure
 
 
 def heldout_figure(groups: Sequence[Group]) -> Figure | None:
-    """Sum accuracy on the test pairs training saw against those it never saw, per configuration."""
+    """Sum accuracy on the test pairs training saw against those it never saw: small multiples, one panel
+    per configuration column and row, a pair of bars (seen, held out) per configuration in it."""
     keys = ("test/sum_acc_seen_pairs", "test/sum_acc_unseen_pairs")
-    rows = []
-    for group in groups:
-        values = [
+    values: dict[int, list[list[float]]] = {}
+    for k, group in enumerate(groups):
+        runs = [
             [100 * j.metrics[key] for j in group.completed if j.metrics.get(key) is not None] for key in keys
         ]
-        if all(values):
-            rows.append((group.label, values))
-    if not rows:
+        if all(runs):
+            values[k] = runs
+    if not values:
         return None
-    figure = Figure(figsize=(max(6, 1.6 * len(rows) + 2), 4.5), layout="constrained")
-    ax = figure.subplots()
-    x = np.arange(len(rows))
-    for offset, (name, index) in zip((-0.2, 0.2), (("seen pairs", 0), ("held-out pairs", 1)), strict=True):
-        means = [np.mean(v[index]) for _, v in rows]
-        errors = [np.std(v[index], ddof=1) if len(v[index]) > 1 else 0 for _, v in rows]
-        ax.bar(x + offset, means, 0.4, yerr=errors, capsize=3, label=name)
-    ax.set_xticks(x, [label.replace(" ", "\n") for label, _ in rows], fontsize=7)
-    ax.set(ylabel="test sum accuracy %", ylim=(0, 100))
-    ax.set_title("Sum accuracy on seen and held-out (digit, number) pairs", fontsize=10)
-    ax.legend(fontsize=8)
+    columns, rows, cells = _panel_layout(groups)
+    figure = Figure(figsize=(3.2 * len(columns) + 1, 2.6 * len(rows) + 0.8), layout="constrained")
+    axes = figure.subplots(len(rows), len(columns), sharey=True, squeeze=False)
+    for r, row in enumerate(rows):
+        for c, column in enumerate(columns):
+            ax = axes[r, c]
+            inside = [(k, name) for (cell, k, name) in cells if cell == (row, column) and k in values]
+            x = np.arange(len(inside))
+            for offset, index, name in ((-0.2, 0, "seen pairs"), (0.2, 1, "held-out pairs")):
+                means = [np.mean(values[k][index]) for k, _ in inside]
+                errors = [
+                    np.std(values[k][index], ddof=1) if len(values[k][index]) > 1 else 0 for k, _ in inside
+                ]
+                ax.bar(x + offset, means, 0.4, yerr=errors, capsize=2, color=_color(index), label=name)
+            ax.set_xticks(x, [name for _, name in inside], fontsize=8, rotation=30, ha="right")
+            ax.set(ylim=(0, 100))
+            ax.grid(axis="y", alpha=0.3)
+            title = ", ".join(t for t in (column, _row_title(row) if len(rows) > 1 else "") if t)
+            ax.set_title(title or "all runs", fontsize=10)
+            if c == 0:
+                ax.set_ylabel("test sum accuracy %")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return figure
 
 
@@ -560,12 +638,16 @@ def write_results_page(summary: dict[str, Any], out_dir: Path) -> Path:
     if (figure := learning_curves_figure(groups, runs)) is not None:
         sections.append(("Learning curves", _save(figure, out_dir, "learning_curves.png"), ""))
     if (figure := speed_figure(groups)) is not None:
-        text = "Test accuracy against `fit_seconds` (the fit alone, as the run's Timer measured it)."
+        text = (
+            "Test accuracy against `fit_seconds` (the fit alone, as the run's Timer measured it): a panel "
+            "per head and configuration column, every run a dot, each configuration's mean a larger mark."
+        )
         sections.append(("Accuracy against training time", _save(figure, out_dir, "speed.png"), text))
     if (figure := heldout_figure(groups)) is not None:
         text = (
             "Runs with `data.heldout_pairs`: the sum accuracy on test samples whose (digit, number) pair "
-            "training saw and on those it never saw (mean and standard deviation over seeds)."
+            "training saw and on those it never saw (mean and standard deviation over seeds), a panel per "
+            "configuration column and row."
         )
         sections.append(("Held-out pairs", _save(figure, out_dir, "heldout_pairs.png"), text))
     if picked := _first_per_group(groups, runs, "calibration"):

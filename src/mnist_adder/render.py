@@ -15,7 +15,7 @@ from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
+from mnist_adder.data.mnist import unnormalize
 
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 RED = (180, 20, 20)
@@ -80,12 +80,6 @@ def confusion_matrix_figure(matrix: torch.Tensor, title: str) -> Figure:
     return figure
 
 
-def _to_pixels(image: torch.Tensor) -> np.ndarray:
-    """A normalised image [1, 28, 28] back to uint8 pixels [28, 28] (the inverse of `normalize`)."""
-    pixels = (image.detach().float().cpu()[0] * MNIST_STD + MNIST_MEAN).clamp(0, 1) * 255
-    return pixels.round().to(torch.uint8).numpy()
-
-
 def misclassified_grid(
     images: torch.Tensor,
     labels: Sequence[int],
@@ -107,7 +101,9 @@ def misclassified_grid(
     font = _font(13)
     for k in range(count):
         x, y = pad + (k % columns) * tile_w, pad + (k // columns) * tile_h
-        tile = Image.fromarray(_to_pixels(images[k])).resize((side, side), Image.Resampling.NEAREST)
+        tile = Image.fromarray(unnormalize(images[k])[0].numpy()).resize(
+            (side, side), Image.Resampling.NEAREST
+        )
         grid.paste(tile.convert("RGB"), (x, y))
         label, number, digit, total = int(labels[k]), int(numbers[k]), int(digit_preds[k]), int(sum_preds[k])
         draw.text((x, y + side + 2), f"{label} + {number} = {label + number}", fill=BLACK, font=font)

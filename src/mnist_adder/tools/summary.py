@@ -19,9 +19,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config
-from mnist_adder.data.batches import NUM_DIGITS
 
 IMAGE_SIZE = 28
 SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)

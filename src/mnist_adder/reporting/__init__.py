@@ -1,0 +1,1 @@
+"""Reports for people: sweep tables, the results page and its figures, learning curves."""

@@ -1,0 +1,1 @@
+"""Tools around the project: the benchmark against a bare PyTorch loop, the layer table, local nodes."""
