@@ -272,6 +272,9 @@ def _interrupt(
         f"+callbacks.signal.at_validation={at_validation}",
     ]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C as a terminal delivers it: a test process started with SIGINT ignored (a background job of
+    # a shell without job control, some CI runners) would otherwise never see it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit) as stopped:
             train(compose_config(_short(data_dir, *overrides, *send), run))
