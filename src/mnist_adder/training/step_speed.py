@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pytorch_lightning.profilers import PyTorchProfiler
 from torch import nn
 
 # torch.compile's modes are those of config_checks.COMPILE_MODES (checked with the config). Mode
@@ -87,3 +88,18 @@ def mark_step_begin(mode: str | None) -> None:
     (the logged loss) would make them copy or re-record."""
     if mode == "reduce-overhead":
         _mark_step()()
+
+
+class StepProfiler(PyTorchProfiler):
+    """Lightning's PyTorchProfiler for a few chosen training steps (a `schedule` that skips the first).
+
+    A stage too short to reach the schedule's first recorded step (the test after a profiled fit, say)
+    leaves torch's profiler unstarted, and Lightning asks it for its events at teardown anyway, which
+    fails; here such a stage has no events and no table. scripts/gpu_check.sh's profile stage uses it.
+    """
+
+    def _cache_functions_events(self) -> None:
+        try:
+            super()._cache_functions_events()
+        except AssertionError:  # "Profiler must be initialized before accessing events"
+            self.function_events = None
