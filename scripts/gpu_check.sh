@@ -2,13 +2,15 @@
 # The GPU checks of issue 25, one prepared run for a borrowed GPU (meant for under 8 minutes on one H200):
 #   bash scripts/gpu_check.sh              on a machine with a CUDA GPU
 #   bash scripts/gpu_check.sh --dry-run    the same stages on this CPU at tiny sizes (tests/test_gpu_check.py)
-# Stages (each bounded by `timeout`; a failed or timed-out stage is recorded and the next one runs):
-#   bench_<mode>_b<B>  python scripts/benchmark.py trainer=gpu models=[small], project vs bare loop, at
-#                      several batch sizes B, eager and compiled (model.compile=true, CUDA graphs)
-#   fast_gpu           python scripts/train.py -m experiment=fast_gpu seed=1,2,3
-#   fast_gpu_compiled  the same, seed 1, compiled
-#   train_gpu          python scripts/train.py trainer=gpu (the default schedule), seed 1
-#   profile            a few training steps of trainer=gpu under Lightning's PyTorchProfiler
+# Stages, in this order (each bounded by `timeout`, all together by a budget of 7.5 min; a failed or
+# timed-out stage is recorded and the next one runs, one left without time is skipped):
+#   bench_eager_b<B>     python scripts/benchmark.py trainer=gpu models=[small], project vs bare loop, at
+#                        batch sizes B = 256, 1024, 4096
+#   fast_gpu             python scripts/train.py -m experiment=fast_gpu seed=1,2,3
+#   train_gpu            python scripts/train.py trainer=gpu seed=1 (the default schedule)
+#   profile              3 training steps of trainer=gpu under Lightning's PyTorchProfiler
+#   bench_compiled_b<B>  the benchmark again with model.compile=true model.compile_mode=reduce-overhead
+#   fast_gpu_compiled    experiment=fast_gpu seed=1, compiled
 # Everything measured goes into <out>/gpu_check.json, and the logs, metrics.json files and profiler
 # output into <out>/gpu_check.tar.gz (no checkpoints); <out> is $OUT if set, else $GPU_CHECK_DIR, else
 # logs/gpu_check/<date_time>. Extra arguments are passed to every training (not to the benchmark).
@@ -65,9 +67,21 @@ fi
 compiled=(model.compile=true model.compile_mode=reduce-overhead)
 quiet=(trainer.enable_progress_bar=false extras.print_config=false)
 
+# The whole check ends within budget_s (7.5 min on a GPU): a stage gets at most what is left, and one
+# that would start with under 30 s left is skipped (recorded with exit status -1).
+budget_s=$((450 * scale))
+started_s=$(date +%s)
+
 run_stage() {  # name, timeout in seconds, command...: the command's output in <out>/<name>.log
     local name="$1" limit="$2"
     shift 2
+    local left=$((budget_s - ($(date +%s) - started_s)))
+    if ((left < 30)); then
+        echo "== $name skipped: ${left} s left of the ${budget_s} s budget"
+        printf '%s\t%s\t%s\t%s\n' "$name" -1 0 "$*" >>"$out/stages.tsv"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "== $name (at most ${limit} s): $*"
     local start rc=0
     start=$(date +%s.%N)
@@ -83,29 +97,32 @@ run_stage() {  # name, timeout in seconds, command...: the command's output in <
     fi
 }
 
-for mode in eager compiled; do
-    sizes=("${batch_sizes[@]}")
-    [[ $mode == compiled ]] && sizes=("${compiled_sizes[@]}")
-    for batch in "${sizes[@]}"; do
-        extra=("data.batch_size=$batch" "${bench_common[@]}")
-        [[ $mode == compiled ]] && extra+=("${compiled[@]}")
-        # overrides=["a","b",...]: one Hydra list of quoted strings.
-        joined=$(printf '"%s",' "${extra[@]}")
-        joined=${joined%,}
-        run_stage "bench_${mode}_b${batch}" $((90 * scale)) python scripts/benchmark.py trainer=gpu \
-            models=[small] format=json "${bench_args[@]}" "${bench_top[@]}" "overrides=[$joined]" \
-            "hydra.run.dir=$out/bench_${mode}_b${batch}"
-    done
-done
+bench() {  # mode (eager, compiled), batch size
+    local mode="$1" batch="$2"
+    local extra=("data.batch_size=$batch" "${bench_common[@]}")
+    [[ $mode == compiled ]] && extra+=("${compiled[@]}")
+    # overrides=["a","b",...]: one Hydra list of quoted strings.
+    local joined
+    joined=$(printf '"%s",' "${extra[@]}")
+    joined=${joined%,}
+    local limit=$((90 * scale))
+    [[ $mode == compiled ]] && limit=$((150 * scale))  # a compile per batch size
+    run_stage "bench_${mode}_b${batch}" "$limit" python scripts/benchmark.py trainer=gpu \
+        models=[small] format=json "${bench_args[@]}" "${bench_top[@]}" "overrides=[$joined]" \
+        "hydra.run.dir=$out/bench_${mode}_b${batch}"
+}
 
+# In order of need, should the budget run out: eager throughput, the presets' accuracy and time, the
+# profile, then what compiling changes.
+for batch in "${batch_sizes[@]}"; do
+    bench eager "$batch"
+done
 run_stage fast_gpu $((120 * scale)) python scripts/train.py -m experiment=fast_gpu seed=1,2,3 \
     "hydra.sweep.dir=$out/fast_gpu" "${quiet[@]}" "${common[@]}" "$@"
-run_stage fast_gpu_compiled $((120 * scale)) python scripts/train.py experiment=fast_gpu seed=1 \
-    "${compiled[@]}" "hydra.run.dir=$out/fast_gpu_compiled" "${quiet[@]}" "${common[@]}" "$@"
 run_stage train_gpu $((150 * scale)) python scripts/train.py trainer=gpu seed=1 \
     "hydra.run.dir=$out/train_gpu" "${quiet[@]}" "${common[@]}" "$@"
-# Steps 21-23 of the first epoch (past cuDNN's autotuning), the operators' table in fit-profiler.txt and a
-# Chrome trace beside it; no validation, test or post-training fits.
+# Steps 21-23 of the first epoch (past cuDNN's autotuning): the operators' table in fit-profiler.txt and a
+# Chrome trace beside it. No validation or post-training fits; the test after fit is not profiled.
 run_stage profile $((90 * scale)) python scripts/train.py trainer=gpu seed=1 \
     "hydra.run.dir=$out/profile" "${quiet[@]}" "${common[@]}" trainer.max_epochs=1 \
     trainer.limit_train_batches=30 trainer.limit_val_batches=0 calibrate=false not_digit_accept=null \
@@ -114,6 +131,12 @@ run_stage profile $((90 * scale)) python scripts/train.py trainer=gpu seed=1 \
     +trainer.profiler.schedule._target_=torch.profiler.schedule +trainer.profiler.schedule.skip_first=18 \
     +trainer.profiler.schedule.wait=1 +trainer.profiler.schedule.warmup=1 \
     +trainer.profiler.schedule.active=3 +trainer.profiler.row_limit=40 "$@"
+
+for batch in "${compiled_sizes[@]}"; do
+    bench compiled "$batch"
+done
+run_stage fast_gpu_compiled $((120 * scale)) python scripts/train.py experiment=fast_gpu seed=1 \
+    "${compiled[@]}" "hydra.run.dir=$out/fast_gpu_compiled" "${quiet[@]}" "${common[@]}" "$@"
 
 python -m mnist_adder.analysis.gpu_check "$out" --dry-run="$dry_run"
 echo "gpu check done: $out/gpu_check.json, $out/gpu_check.tar.gz"

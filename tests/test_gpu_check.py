@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
     "bench_eager_b32",
     "bench_eager_b64",
-    "bench_compiled_b32",
     "fast_gpu",
-    "fast_gpu_compiled",
     "train_gpu",
     "profile",
+    "bench_compiled_b32",
+    "fast_gpu_compiled",
 ]
 
 

@@ -33,7 +33,7 @@ from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import make_batch
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.training.step_speed import compile_net, make_optimizer, to_channels_last
+from mnist_adder.training.step_speed import compile_net, make_optimizer, mark_step_begin, to_channels_last
 from mnist_adder.training.train import train
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ def _bare_net(module: Any, device: torch.device) -> Any:
 def _bare_step(module: Any, net: Any, optimizer: Any, scheduler: Any, batch: tuple, precision: str) -> None:
     """One training step as the module takes it (same loss and weights), without Lightning."""
     image, number_onehot, label, sum_onehot = batch
+    if module.compile_training:
+        mark_step_begin(module.compile_mode)
     with _autocast(image.device, precision):
         digit_logits, sum_logits = net(image, number_onehot)
         loss = module.digit_weight * F.cross_entropy(digit_logits, label) + module.sum_weight * (
@@ -227,6 +229,9 @@ def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
     # The seed network's own training config (batch 256 by default), without augmentation, as the fast
     # preset trains: the reference does not move with the fast preset's batch size.
     seed_cfg = _compose_train(cfg, "model=seed", "data.augment=null")
+    with open_dict(seed_cfg):
+        # The reference is the eager seed network, whatever the overrides ask of the fast run's step.
+        seed_cfg.model.update(compile=False, channels_last=False)
     device = _device_of(fast_cfg)
     fits, epochs, runs = [], [], []
     for repeat in range(cfg.repeats):

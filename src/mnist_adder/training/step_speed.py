@@ -83,9 +83,8 @@ def _mark_step() -> Callable[[], None]:
 
 
 def mark_step_begin(mode: str | None) -> None:
-    """Tell CUDA graph trees a new training step begins (mode "reduce-overhead" only), so the outputs of
-    the last step's replay may be overwritten: without it, a step whose outputs are still referenced
-    (the logged loss) would make them copy or re-record."""
+    """Tell CUDA graph trees that a new training step begins (mode "reduce-overhead" only), so that the
+    last step's graph outputs may be overwritten, as torch's docs advise for a training loop."""
     if mode == "reduce-overhead":
         _mark_step()()
 
