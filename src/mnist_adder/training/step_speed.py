@@ -19,9 +19,10 @@ from torch import nn
 # torch.compile's modes are those of config_checks.COMPILE_MODES (checked with the config). Mode
 # "reduce-overhead" replays the compiled forward and backward as CUDA graphs on a GPU (a few launches for
 # a net this small); a CPU runs it as the default mode.
-# The devices where the fused optimizers pay: one kernel for the whole update, and the step count kept on
-# the device (the unfused CUDA path keeps it on the host). The CPU has fused kernels too (torch >= 2.4),
-# but they are left to `model.optimizer.fused=true` there: the CPU runs keep the numbers they had.
+
+# The devices where the fused optimizers are chosen: one kernel for the whole update, and the step count
+# kept on the device (the unfused CUDA path keeps it on the host). The installed torch has fused CPU
+# kernels too, but they are left to `model.optimizer.fused=true` there: CPU runs keep the numbers they had.
 FUSED_DEVICES = ("cuda",)
 
 
