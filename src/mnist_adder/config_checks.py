@@ -50,6 +50,9 @@ MAX_SEED = 2**32 - 1
 SEED_KEYS = ("seed", "data.seed", "data.split_seed", "data.pair_seed")
 
 
+# torch.compile's modes, for model.compile_mode (None: torch's default); training/step_speed.py uses them.
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # What `reject_threshold` (predict, demo, eval) may be.
 REJECT_THRESHOLD_CHOICES = (
     "null (the threshold stored in the checkpoint), a number (refuse images whose not-a-digit score is "
@@ -254,6 +257,14 @@ def config_problems(cfg: DictConfig) -> list[str]:
         and not (_is_int(max_epochs) and max_epochs >= 1)
     ):
         problems.append(_bad("trainer.max_epochs", max_epochs, "it must be a whole number of at least 1"))
+    for key in ("model.compile", "model.channels_last"):
+        flag = get(key)
+        if flag is not _MISSING and not isinstance(flag, bool):
+            problems.append(_bad(key, flag, "it must be true or false"))
+    compile_mode = get("model.compile_mode")
+    if compile_mode is not _MISSING and compile_mode not in COMPILE_MODES:
+        modes = ", ".join(str(mode) for mode in COMPILE_MODES[1:])
+        problems.append(_bad("model.compile_mode", compile_mode, f"null (torch's default) or one of {modes}"))
     for key in ("robustness", "calibrate", "not_digits"):
         flag = get(key)
         if flag is not _MISSING and not isinstance(flag, bool):

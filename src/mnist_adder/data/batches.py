@@ -7,7 +7,6 @@ and slicing batches out of it costs a gather per step, which is far cheaper than
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
 
@@ -16,9 +15,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, numbers: torch.Tensor) -> Batch:
     """(image, number_onehot, label, sum_onehot) from images, digit labels and numbers 0..9."""
-    number_onehot = F.one_hot(numbers, NUM_DIGITS).float()
-    sum_onehot = F.one_hot(labels + numbers, NUM_SUMS).float()
-    return images, number_onehot, labels, sum_onehot
+    return images, one_hot(numbers, NUM_DIGITS), labels, one_hot(labels + numbers, NUM_SUMS)
+
+
+def one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float one-hot rows [N, num_classes] of class indices [N]: F.one_hot(...).float()'s values.
+
+    One fill and one scatter on the indices' device. F.one_hot reads the indices' minimum back to the
+    host on every device but CUDA (a `.item()` per call: two per training batch), so a CPU profile of a
+    step could not show whether a step reads nothing back (tests/test_host_reads.py)."""
+    rows = torch.zeros(classes.shape[0], num_classes, device=classes.device)
+    return rows.scatter_(1, classes.unsqueeze(1), 1.0)
 
 
 def draw_numbers(

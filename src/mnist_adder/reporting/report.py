@@ -57,7 +57,7 @@ OPTIONAL_KEYS = frozenset(
 )
 SEED_KEY = "seed"
 MISSING = "no metrics.json"
-# The summary of runs that `scripts/report.py ... --out <dir>` writes (analysis/results_page.py) and
+# The summary of runs that `scripts/report.py ... --out <dir>` writes (reporting/results_page.py) and
 # reads back in place of the run folders.
 RUNS_FILE = "runs.json"
 SUMMARY_FORMAT = 1

@@ -7,7 +7,7 @@ Two steps, so that the page can be rebuilt from committed data alone (logs/ is n
    the results of the eval and calibrate runs given beside it that tested one of its checkpoints
    (robustness.json, calibration.json, not_digits.json).
 2. `write_results_page` turns that summary, and nothing else, into `<out>/index.md` (the tables of
-   `analysis/report.py`) and its matplotlib figures: learning curves, the speed frontier, held-out pairs,
+   `reporting/report.py`) and its matplotlib figures: learning curves, the speed frontier, held-out pairs,
    reliability diagrams before and after calibration, accuracy under corruptions, and "not a digit"
    against its baselines (mean ± std over the runs of a configuration).
 

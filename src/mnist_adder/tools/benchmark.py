@@ -34,6 +34,7 @@ from mnist_adder.config_checks import check_config
 from mnist_adder.data.batches import make_batch
 from mnist_adder.devices import torch_device
 from mnist_adder.inference.checkpoint import load_checkpoint
+from mnist_adder.training.step_speed import compile_net, make_optimizer, mark_step_begin, to_channels_last
 from mnist_adder.training.train import train
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,20 @@ def _random_batches(datamodule: Any, batch_size: int, device: torch.device) -> I
         yield make_batch(x, labels[idx], numbers)
 
 
-def _bare_step(
-    module: Any, net: torch.nn.Module, optimizer: Any, scheduler: Any, batch: tuple, precision: str
-) -> None:
+def _bare_net(module: Any, device: torch.device) -> Any:
+    """The module's network on `device` in training mode, as the module's training steps run it:
+    channels-last and compiled where its config says so (model.channels_last, model.compile)."""
+    net = module.net.to(device).train()
+    if module.channels_last:
+        to_channels_last(net)
+    return compile_net(net, module.compile_mode) if module.compile_training else net
+
+
+def _bare_step(module: Any, net: Any, optimizer: Any, scheduler: Any, batch: tuple, precision: str) -> None:
     """One training step as the module takes it (same loss and weights), without Lightning."""
     image, number_onehot, label, sum_onehot = batch
+    if module.compile_training:
+        mark_step_begin(module.compile_mode)
     with _autocast(image.device, precision):
         digit_logits, sum_logits = net(image, number_onehot)
         loss = module.digit_weight * F.cross_entropy(digit_logits, label) + module.sum_weight * (
@@ -123,8 +133,8 @@ def raw_throughput(cfg: DictConfig, steps: int, warmup: int, device: torch.devic
     datamodule = build(cfg.data, "data", on_device=False)
     datamodule.setup("fit")
     module = build(cfg.model, "model")
-    net = module.net.to(device).train()
-    optimizer = module.optimizer_factory(params=net.parameters())
+    net = _bare_net(module, device)
+    optimizer = make_optimizer(module.optimizer_factory, module.net.parameters(), device)
     scheduler = module.scheduler_factory(optimizer=optimizer, total_steps=warmup + steps + 1)
     batches = _random_batches(datamodule, cfg.data.batch_size, device)
     start = 0.0
@@ -143,11 +153,11 @@ def bare_epoch_seconds(cfg: DictConfig, device: torch.device) -> float:
     datamodule = build(cfg.data, "data", on_device=False)
     datamodule.setup("fit")
     module = build(cfg.model, "model")
-    net = module.net.to(device).train()
+    net = _bare_net(module, device)
     images, labels = (t.to(device) for t in datamodule._splits["train"])
     batch_size = int(cfg.data.batch_size)
     steps = len(labels) // batch_size
-    optimizer = module.optimizer_factory(params=net.parameters())
+    optimizer = make_optimizer(module.optimizer_factory, module.net.parameters(), device)
     scheduler = module.scheduler_factory(optimizer=optimizer, total_steps=steps)
     generator = torch.Generator(device=device).manual_seed(0)
     _sync(device)
@@ -220,6 +230,9 @@ def fast_vs_seed_epoch(cfg: DictConfig) -> dict[str, Any]:
     # The seed network's own training config (batch 256 by default), without augmentation, as the fast
     # preset trains: the reference does not move with the fast preset's batch size.
     seed_cfg = _compose_train(cfg, "model=seed", "data.augment=null")
+    with open_dict(seed_cfg):
+        # The reference is the eager seed network, whatever the overrides ask of the fast run's step.
+        seed_cfg.model.update(compile=False, channels_last=False)
     device = _device_of(fast_cfg)
     fits, epochs, runs = [], [], []
     for repeat in range(cfg.repeats):

@@ -21,6 +21,13 @@ from mnist_adder.training.metrics import (
     calibration_error,
     reliability_bins,
 )
+from mnist_adder.training.step_speed import (
+    CompiledNet,
+    compile_net,
+    make_optimizer,
+    mark_step_begin,
+    to_channels_last,
+)
 
 STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
@@ -65,6 +72,12 @@ class DigitSumModule(pl.LightningModule):
     The test also gives the expected calibration error of each head, `test/{digit,sum}_ece` (15 bins,
     L1), and keeps the bins of its reliability diagram in `calibration_results`
     (`test/{digit,sum}_reliability`).
+
+    `compile`: the training steps run the network through `torch.compile` (`compile_mode`: its mode,
+    e.g. "reduce-overhead" for CUDA graphs); validation, test and everything after fit run it eagerly,
+    and the weights, state dict and checkpoints are those of the eager network. `channels_last`: the
+    network's weights in channels-last memory order from the start of fit. Both off by default
+    (`mnist_adder.training.step_speed`, docs/speed.md).
     """
 
     def __init__(
@@ -76,8 +89,14 @@ class DigitSumModule(pl.LightningModule):
         sum_weight: float = 1.0,
         scheduler_interval: str = "step",
         label_smoothing: float = 0.0,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.compile_training, self.compile_mode = compile, compile_mode
+        self.channels_last = channels_last
+        self._compiled = CompiledNet()  # set for the training steps of a fit (setup), None otherwise
         self.net = net
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.digit_weight, self.sum_weight = digit_weight, sum_weight
@@ -111,7 +130,10 @@ class DigitSumModule(pl.LightningModule):
     def _step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, digit predictions and sum predictions of one batch; updates the stage's metrics."""
         image, number_onehot, label, sum_onehot = batch
-        if stage == "val" and getattr(self.net, "test_shifts", False):
+        if stage == "train" and self._compiled.fn is not None:
+            mark_step_begin(self.compile_mode)
+            digit_logits, sum_logits = self._compiled.fn(image, number_onehot)
+        elif stage == "val" and getattr(self.net, "test_shifts", False):
             # Validation is part of training (checkpoint selection, early stopping) and its time counts
             # in the fit: it reads the plain net; test-time shifts are for test and use.
             digit_logits, sum_logits = self.net(image, number_onehot, shifts=False)
@@ -148,6 +170,18 @@ class DigitSumModule(pl.LightningModule):
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
         return loss, digit_pred, sum_pred
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.channels_last:
+            to_channels_last(self.net)
+        if self.compile_training:
+            self._compiled.fn = compile_net(self.net, self.compile_mode)
+
+    def on_fit_end(self) -> None:
+        # The test and the post-training fits after it read the eager network: one compile per fit.
+        self._compiled.fn = None
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
@@ -247,7 +281,8 @@ class DigitSumModule(pl.LightningModule):
                     weights[f"net.{name}"] = torch.ones_like(weights[f"net.{name}"])
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        # Fused (one kernel per update, its step count on the device) where the device has it.
+        optimizer = make_optimizer(self.optimizer_factory, self.parameters(), self.device)
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}
