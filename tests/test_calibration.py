@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_export import _import_onnxruntime
 
 from mnist_adder.cli import guarded
 from mnist_adder.data import MNIST_MEAN, MNIST_STD, MnistSumDataModule
@@ -30,7 +29,7 @@ from mnist_adder.postfit.temperature import CHANGED_BY_TEMPERATURE, collect_logi
 from mnist_adder.training.metrics import expected_calibration_error, reliability_bins
 from mnist_adder.training.train import train
 
-from conftest import compose_config, tiny_train_overrides
+from conftest import compose_config, require_extra, tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,7 +273,7 @@ def test_calibrated_checkpoint_gives_calibrated_probabilities_everywhere(
         ts_digit, ts_sum = traced(image, number_onehot)
     assert torch.allclose(ts_digit.softmax(1), expected_digit, atol=1e-5)
     assert torch.allclose(ts_sum.softmax(1), expected_sum, atol=1e-5)
-    ort = _import_onnxruntime()
+    ort = require_extra("onnxruntime", "export")
     session = ort.InferenceSession(
         str(export_onnx(module.net.eval(), tmp_path / "net.onnx")), providers=["CPUExecutionProvider"]
     )
