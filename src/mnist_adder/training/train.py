@@ -140,8 +140,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test_metrics = tested[0]
 
     results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
-    digit_temperature, sum_temperature = module.net.temperatures()
-    results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
+    if hasattr(module.net, "temperatures"):  # MNIST addition's net (data=mnist_addition) has none
+        digit_temperature, sum_temperature = module.net.temperatures()
+        results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
     calibration = None
     if uncalibrated is not None:
         calibration = {"ckpt_path": ckpt_path or None} | with_test_results(
