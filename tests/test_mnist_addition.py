@@ -2,13 +2,13 @@
 most probable sum, the protocol's datamodule, bad input, and a real run whose digits are learned from
 sums alone."""
 
-import itertools
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from test_bad_input import assert_one_clear_line, run_cli
 
 from mnist_adder.config_checks import check_config
 from mnist_adder.data.mnist_addition import MnistAdditionDataModule
@@ -27,7 +27,6 @@ from mnist_adder.training.addition_module import NumberAdditionModule
 from mnist_adder.training.train import train
 
 from conftest import compose_config
-from test_bad_input import assert_one_clear_line, run_cli
 
 
 def sum_as_digits(values: torch.Tensor, digits: int) -> torch.Tensor:
