@@ -243,6 +243,7 @@ def test_a_tiny_addition_run_writes_its_metrics(make_cfg, tiny_mnist, tmp_path):
         assert key in saved and saved[key] == results[key]
     assert math.isclose(saved["test/sum_acc_ceiling"], saved["test/digit_acc"] ** 4, rel_tol=1e-5)
     assert saved["num_parameters"] == 44_426
+    assert "best_val/sum_acc" in saved and "best_val/both_acc" not in saved  # what selected the checkpoint
 
 
 @pytest.mark.slow

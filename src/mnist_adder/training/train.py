@@ -154,11 +154,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if f"test/{name}" in uncalibrated
         }
     not_digit = fitted.get("not_digit")
+    # Named after what selected it: best_val/both_acc by default, best_val/sum_acc in MNIST addition.
+    best_key = (
+        f"best_{checkpoint.monitor}" if checkpoint is not None and checkpoint.monitor else "best_val/both_acc"
+    )
     results |= {
         "ckpt_path": ckpt_path or None,
         # Above it, an image is refused as not a digit (None: no detector, not_digit_accept=null).
         "not_digit_threshold": not_digit["threshold"] if not_digit else None,
-        "best_val/both_acc": float(checkpoint.best_model_score)
+        best_key: float(checkpoint.best_model_score)
         if checkpoint is not None and checkpoint.best_model_score is not None
         else None,
         "fit_seconds": fit_seconds,
