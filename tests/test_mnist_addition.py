@@ -213,6 +213,13 @@ def test_a_bad_number_of_digits_on_the_command_line(tmp_path):
     assert_one_clear_line(result, "data.digits=0", "at least 1")
 
 
+def test_the_addition_model_without_its_data_is_one_line(make_cfg):
+    with pytest.raises(UserError, match="model=addition goes with data=mnist_addition only"):
+        check_config(make_cfg(["model=addition"]))
+    with pytest.raises(UserError, match="data=mnist_addition trains model=addition only"):
+        check_config(make_cfg(["data=mnist_addition", "model=small"]))
+
+
 def test_digits_that_leave_no_test_example_stop_before_training(make_cfg, tiny_mnist, tmp_path):
     # 120 test images: at most 60 digits; the 340 training and 60 validation images allow more.
     with pytest.raises(UserError) as err:

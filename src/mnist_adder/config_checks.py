@@ -242,6 +242,17 @@ def config_problems(cfg: DictConfig) -> list[str]:
     heldout_pairs = get("data.heldout_pairs")
     if heldout_pairs is not _MISSING and (problem := heldout_pairs_problem(heldout_pairs)) is not None:
         problems.append(problem)
+    # model=addition reads examples of 2N images, which only data=mnist_addition makes (it sets the model).
+    addition_model = str(get("model._target_")).endswith(".NumberAdditionModule")
+    addition_data = str(get("data._target_")).endswith(".MnistAdditionDataModule")
+    if get("data._target_") is not _MISSING and addition_model != addition_data:
+        problems.append(
+            "model=addition goes with data=mnist_addition only (which chooses it): "
+            "run python scripts/train.py data=mnist_addition data.digits=N"
+            if addition_model
+            else "data=mnist_addition trains model=addition only (the backbone is the choice there: "
+            "model/backbone=conv or lenet); leave out the model=... override"
+        )
     digits = get("data.digits")
     if digits is not _MISSING and (problem := addition_digits_problem(digits)) is not None:
         problems.append(problem)
