@@ -53,6 +53,9 @@ OPTIONAL_KEYS = frozenset(
         "test/sum_acc_unseen_sums",
         "test/sum_acc_map",
         "test/sum_acc_ceiling",
+        # MNIST addition has no (digit, sum) pair per sample: neither of these.
+        "test/both_acc",
+        "test/sum_given_digit_acc",
         "test/sum_coherence_gap",
         "test/digit_ece",
         "test/sum_ece",
