@@ -10,11 +10,17 @@ from mnist_adder.training.module import DigitSumModule
 
 from conftest import CONF_DIR
 
-GROUPS = ["data", "model", "model/adder", "trainer", "callbacks", "logger", "experiment"]
+GROUPS = ["data", "model", "model/adder", "model/backbone", "trainer", "callbacks", "logger", "experiment"]
 
 
 def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def image_number_models() -> list[str]:
+    """The model choices of the (image, number) task: all but model=addition, MNIST addition's, which
+    data=mnist_addition chooses (tests/test_mnist_addition.py)."""
+    return [model for model in choices("model") if model != "addition"]
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)], ids=lambda x: str(x))
@@ -23,7 +29,7 @@ def test_every_choice_composes(make_cfg, group, choice):
     assert cfg.data.data_dir and cfg.trainer._target_ == "pytorch_lightning.Trainer"
 
 
-@pytest.mark.parametrize("model", choices("model"))
+@pytest.mark.parametrize("model", image_number_models())
 def test_every_model_instantiates_and_runs(make_cfg, model):
     module = hydra.utils.instantiate(make_cfg([f"model={model}"]).model)
     assert isinstance(module, DigitSumModule)

@@ -7,7 +7,7 @@ from mnist_adder.models import ConvBackbone, DigitSumNet, MLPAdder, SeedAdder, S
 from mnist_adder.tools.summary import layer_table, receptive_fields, summary
 
 from conftest import compose_config
-from test_config import choices
+from test_config import image_number_models
 
 # The seed backbone by hand, from n=28, j=1, r=1 (no padding anywhere):
 #   conv 3x3: n = 28-3+1 = 26, j = 1, r = 1+2*1 = 3
@@ -48,7 +48,7 @@ def test_small_backbone_receptive_fields_match_the_hand_computation():
     assert [(f.size, f.jump, f.field) for f in fields] == SMALL_BY_HAND
 
 
-@pytest.mark.parametrize("model", choices("model"))
+@pytest.mark.parametrize("model", image_number_models())
 def test_computed_sizes_match_the_real_forward_pass(make_cfg, model):
     layers = layer_table(hydra.utils.instantiate(make_cfg([f"model={model}"]).model).net)
     observed = {layer.name: layer.output_shape[-1] for layer in layers}

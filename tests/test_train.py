@@ -16,13 +16,13 @@ from mnist_adder import devices
 from mnist_adder.training.train import train
 
 from conftest import NO_DETECTOR, compose_config, tiny_debug_overrides
-from test_config import choices
+from test_config import image_number_models
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_METRICS = ("test/digit_acc", "test/sum_acc", "test/both_acc", "test/loss")
 
 
-@pytest.mark.parametrize("model", choices("model"))
+@pytest.mark.parametrize("model", image_number_models())
 def test_fast_dev_run_every_model(make_cfg, tiny_mnist, model):
     cfg = make_cfg([f"model={model}", *tiny_debug_overrides(tiny_mnist)])
     results = train(cfg)

@@ -134,6 +134,29 @@ def check_val_size(val_size: Any, n_train: int) -> None:
         raise UserError(f"{problem}.")
 
 
+def addition_digits_problem(digits: Any, n_images: int | None = None, images: str = "") -> str | None:
+    """Why `data.digits` (MNIST addition's N) is wrong (None if fine); `n_images`: the size of the split
+    `images` names, if known, which must hold at least one example of 2N images."""
+    if not _is_int(digits) or digits < 1:
+        return _bad("data.digits", digits, "the digits of each number, a whole number of at least 1")
+    if n_images is not None and 2 * digits > n_images:
+        return _bad(
+            "data.digits",
+            digits,
+            f"an example is 2N = {2 * digits} images and the {n_images} {images} make none; "
+            f"at most {n_images // 2} digits",
+        )
+    return None
+
+
+def check_addition_digits(digits: Any, n_images: int | None = None, images: str = "") -> None:
+    """Raise a UserError unless `data.digits` is a whole number >= 1 leaving at least one example in a
+    split of `n_images` images (when given)."""
+    problem = addition_digits_problem(digits, n_images, images)
+    if problem is not None:
+        raise UserError(f"{problem}.")
+
+
 def heldout_pairs_problem(value: Any) -> str | None:
     """Why `data.heldout_pairs` is wrong (None if fine): null, a preset name, or [digit, number] pairs."""
     presets = ", ".join(HELDOUT_PRESETS)
@@ -248,6 +271,20 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(problem)
     heldout_pairs = get("data.heldout_pairs")
     if heldout_pairs is not _MISSING and (problem := heldout_pairs_problem(heldout_pairs)) is not None:
+        problems.append(problem)
+    # model=addition reads examples of 2N images, which only data=mnist_addition makes (it sets the model).
+    addition_model = str(get("model._target_")).endswith(".NumberAdditionModule")
+    addition_data = str(get("data._target_")).endswith(".MnistAdditionDataModule")
+    if get("data._target_") is not _MISSING and addition_model != addition_data:
+        problems.append(
+            "model=addition goes with data=mnist_addition only (which chooses it): "
+            "run python scripts/train.py data=mnist_addition data.digits=N"
+            if addition_model
+            else "data=mnist_addition trains model=addition only (the backbone is the choice there: "
+            "model/backbone=conv or lenet); leave out the model=... override"
+        )
+    digits = get("data.digits")
+    if digits is not _MISSING and (problem := addition_digits_problem(digits)) is not None:
         problems.append(problem)
     max_epochs = get("trainer.max_epochs")
     # None leaves the choice to Lightning (max_steps decides); anything given must be a real count.

@@ -29,6 +29,9 @@ TABLE_METRICS = (
     "sum_acc_seen_pairs",
     "sum_acc_unseen_pairs",
     "sum_acc_unseen_sums",
+    # MNIST addition (data=mnist_addition): the most probable sum, and digit_acc^(2N).
+    "sum_acc_map",
+    "sum_acc_ceiling",
     *PLAIN_METRICS,
 )
 

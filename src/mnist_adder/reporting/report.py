@@ -30,6 +30,9 @@ COLUMNS: tuple[Column, ...] = (
     ("test/sum_acc_seen_pairs", "sum seen pairs %", True),
     ("test/sum_acc_unseen_pairs", "sum unseen pairs %", True),
     ("test/sum_acc_unseen_sums", "sum unseen sums %", True),
+    # MNIST addition (data=mnist_addition): the most probable sum; digit acc^(2N), the ceiling of sum acc.
+    ("test/sum_acc_map", "sum MAP %", True),
+    ("test/sum_acc_ceiling", "digit acc^2N %", True),
     # Mean |P(sum = s) - P(digit = s - n)| at the predicted sum, in percentage points.
     ("test/sum_coherence_gap", "coherence gap %", True),
     # Expected calibration error of the model handed over, and of the raw one (calibrate=true keeps both).
@@ -48,6 +51,11 @@ OPTIONAL_KEYS = frozenset(
         "test/sum_acc_seen_pairs",
         "test/sum_acc_unseen_pairs",
         "test/sum_acc_unseen_sums",
+        "test/sum_acc_map",
+        "test/sum_acc_ceiling",
+        # MNIST addition has no (digit, sum) pair per sample: neither of these.
+        "test/both_acc",
+        "test/sum_given_digit_acc",
         "test/sum_coherence_gap",
         "test/digit_ece",
         "test/sum_ece",

@@ -11,7 +11,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_adder.data.batches import NUM_DIGITS, NUM_SUMS, Batch
+from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
+from mnist_adder.data.batches import Batch
 from mnist_adder.heldout import heldout_sums
 from mnist_adder.models.digit_sum import TEMPERATURES, DigitSumNet
 from mnist_adder.training.metrics import (

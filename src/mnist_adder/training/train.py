@@ -131,8 +131,9 @@ def _results(
 ) -> dict[str, Any]:
     """metrics.json: the test of the checkpoint handed over, and what the run was."""
     results: dict[str, Any] = {name: float(value) for name, value in tested.items()}
-    digit_temperature, sum_temperature = module.net.temperatures()
-    results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
+    if hasattr(module.net, "temperatures"):  # MNIST addition's net (data=mnist_addition) has none
+        digit_temperature, sum_temperature = module.net.temperatures()
+        results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
     if uncalibrated is not None:
         results |= {
             f"test/{name}_uncalibrated": float(uncalibrated[f"test/{name}"])
@@ -141,11 +142,15 @@ def _results(
         }
     not_digit = fitted.get("not_digit")
     best_score = checkpoint.best_model_score if checkpoint is not None else None
+    # Named after what selected it: best_val/both_acc by default, best_val/sum_acc in MNIST addition.
+    best_key = (
+        f"best_{checkpoint.monitor}" if checkpoint is not None and checkpoint.monitor else "best_val/both_acc"
+    )
     results |= {
         "ckpt_path": ckpt_path or None,
         # Above it, an image is refused as not a digit (None: no detector, not_digit_accept=null).
         "not_digit_threshold": not_digit["threshold"] if not_digit else None,
-        "best_val/both_acc": float(best_score) if best_score is not None else None,
+        best_key: float(best_score) if best_score is not None else None,
         "fit_seconds": fit_seconds,
         "num_parameters": sum(p.numel() for p in module.net.parameters()),
         "precision": str(trainer.precision),  # as run: trainer=auto decides it on the machine

@@ -1,0 +1,280 @@
+"""MNIST addition (data=mnist_addition): the exact sum of two N-digit numbers against brute force, the
+most probable sum, the protocol's datamodule, bad input, and a real run whose digits are learned from
+sums alone."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_bad_input import assert_one_clear_line, run_cli
+
+from mnist_adder.config_checks import check_config
+from mnist_adder.data.mnist_addition import MnistAdditionDataModule
+from mnist_adder.digit_numbers import add_digits
+from mnist_adder.errors import UserError
+from mnist_adder.models import LeNet
+from mnist_adder.models.adders import ShiftConvolution
+from mnist_adder.models.number_sum import (
+    NumberSumNet,
+    argmax_digit_sum,
+    carry_chain_log_prob,
+    map_sum,
+    pair_sum_log_probs,
+)
+from mnist_adder.training.addition_module import NumberAdditionModule
+from mnist_adder.training.train import train
+
+from conftest import compose_config
+
+
+def sum_as_digits(values: torch.Tensor, digits: int) -> torch.Tensor:
+    """Integers [K] -> their N + 1 digits [K, N + 1], most significant first."""
+    return torch.stack([(values // 10**k) % 10 for k in range(digits, -1, -1)], dim=1)
+
+
+def hand_made_logits(digits: int, seed: int) -> torch.Tensor:
+    """[4, 2N, 10] digit logits: near-uniform, peaked, mixed and one of two-way ties per image, so that
+    the carry chain meets every kind of carry (always, never, uncertain)."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([0.3, 6.0, 2.0, 1.0])[:, None, None]
+    logits = torch.randn(4, 2 * digits, 10, generator=generator, dtype=torch.float64) * scales
+    logits[3, :, :] = -20.0
+    logits[3, :, 9], logits[3, :, 1] = 0.0, 0.0  # 9 or 1, equally: sums with and without carries
+    return logits
+
+
+def brute_force_sum_probs(logits: torch.Tensor, digits: int) -> torch.Tensor:
+    """P(sum) [B, 2 * 10^N - 1] over all 10^(2N) digit combinations, without the carry chain: each
+    number's distribution over its 10^N values (the product of its digits' probabilities, every digit
+    string enumerated by the Kronecker product), and every pair of values added (their convolution)."""
+    probs = logits.double().softmax(dim=-1).numpy()
+    out = []
+    for example in probs:
+        numbers = []
+        for digit_probs in (example[:digits], example[digits:]):
+            values = np.ones(1)
+            for position in digit_probs:  # most significant first: value = 10 * value + digit
+                values = np.kron(values, position)
+            numbers.append(values)
+        out.append(np.convolve(*numbers))
+    return torch.from_numpy(np.stack(out))
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3])
+def test_carry_chain_equals_brute_force_enumeration(digits):
+    logits = hand_made_logits(digits, seed=digits)
+    expected = brute_force_sum_probs(logits, digits)
+    pair = pair_sum_log_probs(logits, ShiftConvolution())  # [B, N, 19]
+    all_sums = torch.arange(expected.shape[1])
+    for example in range(len(logits)):
+        chain = pair[example : example + 1].expand(len(all_sums), -1, -1)
+        got = carry_chain_log_prob(chain, sum_as_digits(all_sums, digits)).double().exp()
+        # float32 inside (the shift convolution's precision); every sum's probability to 1e-6.
+        assert torch.allclose(got, expected[example], atol=1e-6), (digits, example)
+        assert math.isclose(float(got.sum()), 1.0, abs_tol=1e-5)
+
+
+def test_a_sum_no_pair_of_numbers_can_make_has_no_probability():
+    pair = pair_sum_log_probs(hand_made_logits(2, seed=0), ShiftConvolution())
+    # 2 * 99 = 198 is the largest; "2xx" has a top digit no carry can give.
+    impossible = torch.tensor([[2, 0, 0]] * 4)
+    assert (carry_chain_log_prob(pair, impossible).exp() < 1e-30).all()
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3])
+def test_the_map_sum_is_the_most_probable_sum(digits):
+    differs = 0
+    for seed in range(6):
+        logits = hand_made_logits(digits, seed=10 * digits + seed)
+        expected = brute_force_sum_probs(logits, digits)
+        pair_probs = pair_sum_log_probs(logits, ShiftConvolution()).double().exp().numpy()
+        for example in range(len(logits)):
+            decoded, probability, _ = map_sum(pair_probs[example])
+            assert len(decoded) == digits + 1
+            value = int("".join(map(str, decoded)))
+            best = float(expected[example].max())
+            # The decoded sum is a most probable one (ties: any of them), and its probability is its own.
+            assert math.isclose(float(expected[example, value]), best, rel_tol=1e-5), (digits, seed, example)
+            assert math.isclose(probability, best, rel_tol=1e-5)
+            argmax_sum = int("".join(map(str, argmax_digit_sum(logits[example : example + 1])[0].tolist())))
+            differs += value != argmax_sum
+    # The test means something: on these distributions the MAP sum is not always the digits' sum.
+    assert differs > 0
+
+
+def test_the_map_sum_at_100_digits_beats_the_digits_sum_and_stays_small():
+    logits = torch.randn(1, 200, 10, generator=torch.Generator().manual_seed(0)) * 3
+    pair = pair_sum_log_probs(logits, ShiftConvolution())
+    decoded, _, widest = map_sum(pair[0].double().exp().numpy())
+    chain = carry_chain_log_prob(
+        pair.expand(2, -1, -1), torch.tensor([decoded, argmax_digit_sum(logits)[0].tolist()])
+    )
+    assert len(decoded) == 101 and chain[0] >= chain[1] - 1e-4
+    assert widest < 50  # the exact search keeps a handful of prefixes per position, not 10^N
+
+
+def test_add_digits_is_integer_addition():
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, 10, (50, 4), generator=generator) for _ in range(2))
+    as_int = lambda d: (d * 10 ** torch.arange(d.shape[1] - 1, -1, -1)).sum(dim=1)  # noqa: E731
+    assert torch.equal(add_digits(first, second), sum_as_digits(as_int(first) + as_int(second), 4))
+
+
+def test_lenet_is_the_papers_network():
+    net = LeNet()
+    assert sum(p.numel() for p in net.parameters()) == 44_426
+    image = torch.zeros(3, 1, 28, 28)
+    features, logits = net.features_and_logits(image)
+    assert logits.shape == (3, 10) and torch.equal(logits, net(image))
+    assert [f.shape[1:] for f in features] == [(6, 12, 12), (84,)]
+
+
+# ---- the datamodule ------------------------------------------------------------------------------
+
+
+def make_addition_dm(data_dir, digits: int = 2, seed: int = 3) -> MnistAdditionDataModule:
+    dm = MnistAdditionDataModule(
+        data_dir=data_dir,
+        digits=digits,
+        batch_size=40,
+        eval_batch_size=40,
+        val_size=60,
+        download=False,
+        seed=seed,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def test_the_protocol_cuts_examples_of_2n_images_labelled_by_their_sum(tiny_mnist):
+    dm = make_addition_dm(tiny_mnist, digits=2)  # 400 training images: 340 train, 60 val; 120 test
+    assert (dm.num_examples("train"), dm.num_examples("val"), dm.num_examples("test")) == (85, 15, 30)
+    images, labels, sums = dm.examples("test")
+    assert images.shape == (30, 4, 1, 28, 28) and labels.shape == (30, 4) and sums.shape == (30, 3)
+    as_int = lambda d: d[:, 0] * 10 + d[:, 1]  # noqa: E731
+    assert torch.equal(sum_as_digits(as_int(labels[:, :2]) + as_int(labels[:, 2:]), 2), sums)
+    # Every image of a split in at most one example.
+    train_images = dm.examples("train")[0].flatten(0, 1).flatten(1)
+    assert len(torch.unique(train_images, dim=0)) == 340
+
+
+def test_training_batches_hold_no_digit_label(tiny_mnist):
+    dm = make_addition_dm(tiny_mnist, digits=2)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8  # 40 images per step: 10 examples of 4
+    for batch in batches:
+        assert len(batch) == 2  # (images, sums): nothing else can reach the loss
+        images, sums = batch
+        assert images.shape == (10, 4, 1, 28, 28) and sums.shape == (10, 3)
+
+
+def test_no_digit_label_reaches_the_loss(tiny_mnist):
+    dm = make_addition_dm(tiny_mnist, digits=2)
+    images, sums, labels = next(iter(dm.test_dataloader()))
+    module = NumberAdditionModule(NumberSumNet(LeNet()), optimizer=torch.optim.SGD)
+    losses, grads = [], []
+    for digit_labels in (labels, torch.randint(0, 10, labels.shape)):  # the true labels, then random
+        module.zero_grad()
+        loss = module._step((images, sums, digit_labels), "val")
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    with pytest.raises(ValueError, match="digit_weight must be 0"):
+        NumberAdditionModule(NumberSumNet(LeNet()), optimizer=torch.optim.SGD, digit_weight=1.0)
+
+
+def test_validation_and_test_are_the_same_for_every_run_and_training_is_the_seeds(tiny_mnist):
+    first, second = make_addition_dm(tiny_mnist, seed=1), make_addition_dm(tiny_mnist, seed=2)
+    for split in ("val", "test"):
+        assert all(
+            torch.equal(a, b) for a, b in zip(first.examples(split), second.examples(split), strict=True)
+        )
+    assert not torch.equal(first.examples("train")[1], second.examples("train")[1])
+    again = make_addition_dm(tiny_mnist, seed=1)
+    assert torch.equal(first.examples("train")[0], again.examples("train")[0])
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "two"])
+def test_a_bad_number_of_digits_is_one_line(make_cfg, value):
+    with pytest.raises(UserError) as err:
+        check_config(make_cfg(["data=mnist_addition", f"data.digits={value}"]))
+    assert str(err.value).startswith("data.digits=") and "at least 1" in str(err.value)
+
+
+def test_a_bad_number_of_digits_on_the_command_line(tmp_path):
+    result = run_cli("data=mnist_addition", "data.digits=0", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_clear_line(result, "data.digits=0", "at least 1")
+
+
+def test_the_addition_model_without_its_data_is_one_line(make_cfg):
+    with pytest.raises(UserError, match="model=addition goes with data=mnist_addition only"):
+        check_config(make_cfg(["model=addition"]))
+    with pytest.raises(UserError, match="data=mnist_addition trains model=addition only"):
+        check_config(make_cfg(["data=mnist_addition", "model=small"]))
+
+
+def test_digits_that_leave_no_test_example_stop_before_training(make_cfg, tiny_mnist, tmp_path):
+    # 120 test images: at most 60 digits; the 340 training and 60 validation images allow more.
+    with pytest.raises(UserError) as err:
+        train(
+            make_cfg(
+                ["data=mnist_addition", "data.digits=61", f"paths.data_dir={tiny_mnist}", "data.val_size=200"]
+            )
+        )
+    assert "data.digits=61" in str(err.value) and "120 test images make none" in str(err.value)
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def test_a_tiny_addition_run_writes_its_metrics(make_cfg, tiny_mnist, tmp_path):
+    overrides = ["data=mnist_addition", "data.digits=2", f"paths.data_dir={tiny_mnist}", "data.val_size=60"]
+    overrides += [
+        "data.batch_size=40",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+    overrides += ["model/backbone=lenet"]
+    results = train(make_cfg(overrides))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test/sum_acc", "test/sum_acc_map", "test/digit_acc", "test/sum_acc_ceiling", "test/loss"):
+        assert key in saved and saved[key] == results[key]
+    assert math.isclose(saved["test/sum_acc_ceiling"], saved["test/digit_acc"] ** 4, rel_tol=1e-5)
+    assert saved["num_parameters"] == 44_426
+    assert "best_val/sum_acc" in saved and "best_val/both_acc" not in saved  # what selected the checkpoint
+
+
+@pytest.mark.slow
+def test_digits_are_learned_from_sums_alone_at_n_2(real_data_dir, tmp_path):
+    # 80 steps of 64 examples (256 images) on real MNIST: no digit label in the loss, yet the digits
+    # come out far above chance (10 %), and so do the sums (chance: about 1 in 199).
+    overrides = ["data=mnist_addition", "data.digits=2", f"paths.data_dir={real_data_dir}", "seed=1"]
+    overrides += [
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=80",
+        "trainer.enable_progress_bar=false",
+    ]
+    overrides += ["logger=csv", "callbacks.ema=null"]
+    results = train(compose_config(overrides, tmp_path / "run"))
+    assert results["test/digit_acc"] > 0.8, results
+    assert results["test/sum_acc"] > 0.5 and results["test/sum_acc_map"] > 0.5, results
+
+
+def test_the_addition_preset_leaves_the_other_runs_as_they_were(make_cfg):
+    cfg = make_cfg()
+    assert cfg.data._target_ == "mnist_adder.data.MnistSumDataModule"
+    assert cfg.callbacks.model_checkpoint.monitor == "val/both_acc" and cfg.calibrate is True
+    assert cfg.model.net.backbone._target_ == "mnist_adder.models.ConvBackbone"
+    addition = make_cfg(["data=mnist_addition", "model/backbone=lenet"])
+    assert addition.callbacks.model_checkpoint.monitor == "val/sum_acc" and addition.calibrate is False
+    assert addition.model.net.backbone == {"_target_": "mnist_adder.models.LeNet"}
+    assert np.isclose(addition.model.digit_weight, 0.0)
