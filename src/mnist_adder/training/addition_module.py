@@ -5,7 +5,6 @@ the 2N digit distributions (models/number_sum.py). No digit label reaches it: tr
 none (data/mnist_addition.py), and the module refuses a digit_weight other than 0.
 """
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from mnist_adder.models.number_sum import NumberSumNet, argmax_digit_sum, map_sums
+from mnist_adder.training.module import configure_optimizers
+from mnist_adder.training.step_speed import CompiledNet, compile_net, mark_step_begin, to_channels_last
 
 STAGES = ("train", "val", "test")
 
@@ -44,6 +45,9 @@ class NumberAdditionModule(pl.LightningModule):
         sum_weight: float = 1.0,
         scheduler_interval: str = "step",
         label_smoothing: float = 0.0,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if digit_weight != 0:
@@ -55,6 +59,9 @@ class NumberAdditionModule(pl.LightningModule):
         if label_smoothing != 0:
             raise ValueError(f"label_smoothing must be 0 in MNIST addition, not {label_smoothing}")
         self.net = net
+        # How the training steps run, as DigitSumModule's (training/step_speed.py).
+        self.compile_training, self.compile_mode, self.channels_last = compile, compile_mode, channels_last
+        self._compiled = CompiledNet()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.sum_weight, self.scheduler_interval = sum_weight, scheduler_interval
         # Not named after the stages: nn.ModuleDict refuses the key "train" (it is a method).
@@ -80,7 +87,11 @@ class NumberAdditionModule(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
         images, sums = batch[0], batch[1]
         self.images_per_example = images.shape[1]
-        digit_logits = self.net(images)
+        if stage == "train" and self._compiled.fn is not None:
+            mark_step_begin(self.compile_mode)
+            digit_logits = self._compiled.fn(images)
+        else:
+            digit_logits = self.net(images)
         loss = -self.net.sum_log_prob(digit_logits, sums).mean()
         metrics = self.stage_metrics[f"{stage}_metrics"]
         with torch.no_grad():
@@ -96,6 +107,17 @@ class NumberAdditionModule(pl.LightningModule):
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
         return self.sum_weight * loss
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.channels_last:
+            to_channels_last(self.net)
+        if self.compile_training:
+            self._compiled.fn = compile_net(self.net, self.compile_mode)
+
+    def on_fit_end(self) -> None:
+        self._compiled.fn = None  # the test reads the eager network
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -130,14 +152,4 @@ class NumberAdditionModule(pl.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        kwargs = {}
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            kwargs["total_steps"] = self.trainer.estimated_stepping_batches
-        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return configure_optimizers(self)

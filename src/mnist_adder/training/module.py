@@ -282,16 +282,21 @@ class DigitSumModule(pl.LightningModule):
                     weights[f"net.{name}"] = torch.ones_like(weights[f"net.{name}"])
 
     def configure_optimizers(self) -> Any:
-        # Fused (one kernel per update, its step count on the device) where the device has it.
-        optimizer = make_optimizer(self.optimizer_factory, self.parameters(), self.device)
-        if self.scheduler_factory is None:
-            return optimizer
-        kwargs = {}
-        # Schedules that span the run (OneCycleLR) need its length, known only once the Trainer is set.
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            kwargs["total_steps"] = self.trainer.estimated_stepping_batches
-        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return configure_optimizers(self)
+
+
+def configure_optimizers(module: pl.LightningModule) -> Any:
+    """The optimizer and schedule of `module`'s `optimizer_factory`, `scheduler_factory` and
+    `scheduler_interval`: fused (one kernel per update, its step count on the device) where the device
+    has it; a schedule that spans the run (OneCycleLR) gets its length from the Trainer."""
+    optimizer = make_optimizer(module.optimizer_factory, module.parameters(), module.device)
+    if module.scheduler_factory is None:
+        return optimizer
+    kwargs = {}
+    if "total_steps" in inspect.signature(module.scheduler_factory).parameters:
+        kwargs["total_steps"] = module.trainer.estimated_stepping_batches
+    scheduler = module.scheduler_factory(optimizer=optimizer, **kwargs)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": module.scheduler_interval},
+    }
