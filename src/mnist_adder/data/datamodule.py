@@ -8,9 +8,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from mnist_adder.config_checks import check_heldout_pairs, check_val_size
+from mnist_adder.config_checks import check_heldout_pairs
 from mnist_adder.data.batches import EvalBatches, TrainBatches, draw_numbers
-from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize
+from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize, validation_split
 from mnist_adder.heldout import heldout_table
 
 
@@ -70,9 +70,7 @@ class MnistSumDataModule(pl.LightningDataModule):
         device = self._device()
         if stage in (None, "fit", "validate") and "train" not in self._splits:
             images, labels = load_mnist(self.data_dir, train=True)
-            check_val_size(self.val_size, len(labels))
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
-            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            train_idx, val_idx = validation_split(len(labels), self.val_size, self.split_seed)
             images = normalize(images)
             self._splits["train"] = (images[train_idx].unsqueeze(1).to(device), labels[train_idx].to(device))
             self._splits["val"] = (images[val_idx].unsqueeze(1).to(device), labels[val_idx].to(device))

@@ -13,6 +13,7 @@ import torch
 from torchvision.datasets import MNIST
 
 from mnist_adder.classes import NUM_DIGITS
+from mnist_adder.config_checks import check_val_size
 from mnist_adder.errors import UserError
 
 # Mean and std of the 60,000 training images on a 0..1 scale; every consumer (training, eval,
@@ -103,6 +104,14 @@ def check_raw_files(data_dir: str | Path, train: bool) -> None:
             f"{images_path} holds {n_images} images but {labels_path} holds {n_labels} labels: "
             "they must pair one to one, so one of them is from another copy of MNIST. " + _fix_hint()
         )
+
+
+def validation_split(count: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of the `count` MNIST training images: the one split every
+    data module of the project holds out, fixed by `split_seed`."""
+    check_val_size(val_size, count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(split_seed))
+    return order[val_size:], order[:val_size]
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from mnist_adder.config_checks import check_addition_digits, check_val_size
-from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize
+from mnist_adder.config_checks import check_addition_digits
+from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize, validation_split
 from mnist_adder.digit_numbers import add_digits
 
 TrainBatch = tuple[torch.Tensor, torch.Tensor]
@@ -166,9 +166,7 @@ class MnistAdditionDataModule(pl.LightningDataModule):
             # An N that leaves no test example is told now, not after the training.
             check_addition_digits(self.digits, len(load_mnist(self.data_dir, train=False)[1]), "test images")
             images, labels = load_mnist(self.data_dir, train=True)
-            check_val_size(self.val_size, len(labels))
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
-            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            train_idx, val_idx = validation_split(len(labels), self.val_size, self.split_seed)
             images = normalize(images).unsqueeze(1)
             for split, idx, seed in (("train", train_idx, self.seed), ("val", val_idx, self.pair_seed + 1)):
                 check_addition_digits(self.digits, len(idx), f"{split} images")
