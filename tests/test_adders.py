@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.utilities.data import dim_zero_sum
 
+from mnist_adder.checkpoint_file import read_checkpoint
+from mnist_adder.data.preprocess import preprocess_image
 from mnist_adder.errors import UserError
 from mnist_adder.evaluation.evaluate import evaluate
 from mnist_adder.inference.calibrate import calibrate
 from mnist_adder.inference.checkpoint import load_checkpoint
-from mnist_adder.inference.export import export_onnx, export_torchscript
+from mnist_adder.inference.export import export_onnx, export_paths, export_torchscript
 from mnist_adder.inference.predict import Prediction, predict_images
 from mnist_adder.models import ConvAdder, ConvBackbone, DigitSumNet, MLPAdder, ShiftAdder
 from mnist_adder.models.adders import LOG_PROB_FLOOR
@@ -194,23 +196,63 @@ def test_every_adder_is_one_short_override_behind_digit_sum_net(make_cfg, adder)
 
 
 def test_the_default_and_the_seed_keep_their_adders(make_cfg):
+    # The default adds (issue 33): the conv adder, 21,254 parameters; the MLP it replaced is model/adder=mlp.
     small = hydra.utils.instantiate(make_cfg().model.net)
-    assert isinstance(small.adder, MLPAdder) and n_params(small) == 23_861  # unchanged numbers
-    assert [m.out_features for m in small.adder.modules() if isinstance(m, torch.nn.Linear)] == [64, 19]
+    assert type(small.adder).__name__ == "ConvAdder" and n_params(small) == 21_254
+    mlp = hydra.utils.instantiate(make_cfg(["model/adder=mlp"]).model.net)
+    assert isinstance(mlp.adder, MLPAdder) and n_params(mlp) == 23_861  # unchanged numbers
+    assert [m.out_features for m in mlp.adder.modules() if isinstance(m, torch.nn.Linear)] == [64, 19]
     seed = make_cfg(["model=seed"])
     assert seed.model.net.adder == {"_target_": "mnist_adder.models.SeedAdder", "dropout": 0.1}
     assert n_params(hydra.utils.instantiate(seed.model.net)) == 21_843
-    large = make_cfg(["model=large"])
-    assert large.model.net.adder == {"_target_": "mnist_adder.models.MLPAdder", "hidden": [128]}
-    # Another adder on a model that chose its own: the model's choice is replaced whole.
-    assert make_cfg(["model=large", "model/adder=conv"]).model.net.adder == {
-        "_target_": "mnist_adder.models.ConvAdder"
+    large = make_cfg(["model=large"])  # small's adder, on the wider backbone
+    assert large.model.net.adder == {"_target_": "mnist_adder.models.ConvAdder"}
+    assert n_params(hydra.utils.instantiate(large.model.net)) == 106_630
+    # Another adder on a model: the default's choice is replaced whole (the MLP large had until issue 33).
+    assert make_cfg(["model=large", "model/adder=mlp_wide"]).model.net.adder == {
+        "_target_": "mnist_adder.models.MLPAdder",
+        "hidden": [128],
     }
 
 
 def test_switching_the_default_adder_is_one_line_of_small_yaml():
     lines = (ROOT / "conf" / "model" / "small.yaml").read_text().splitlines()
-    assert [line.strip() for line in lines if line.strip().startswith("- adder:")] == ["- adder: mlp"]
+    assert [line.strip() for line in lines if line.strip().startswith("- adder:")] == ["- adder: conv"]
+
+
+@pytest.mark.slow  # a training, then scripts/predict.py and scripts/export.py as a user runs them
+def test_a_checkpoint_of_the_old_default_still_loads_predicts_and_exports(tiny_mnist, tmp_path):
+    # Until issue 33 model=small's adder was the MLP. A checkpoint stores the adder it was trained with in
+    # its run config (hyper_parameters['config']['model']), and the loader builds that, whatever the
+    # default is today: a checkpoint made before the switch keeps its MLP.
+    run_dir = tmp_path / "old_default"
+    overrides = [*tiny_train_overrides(tiny_mnist), "trainer.max_epochs=1", "model/adder=mlp"]
+    train(compose_config([*overrides, "extras.print_config=false"], run_dir))
+    ckpt_path = json.loads((run_dir / "metrics.json").read_text())["ckpt_path"]
+    stored = read_checkpoint(ckpt_path)["hyper_parameters"]["config"]["model"]["net"]["adder"]
+    assert stored["_target_"] == "mnist_adder.models.MLPAdder" and list(stored["hidden"]) == [64]
+    module, _ = load_checkpoint(ckpt_path)
+    assert isinstance(module.net.adder, MLPAdder) and n_params(module.net) == 23_861
+
+    digit = ROOT / "examples" / "digits" / "seven_on_paper.png"
+    predicted = run_script(
+        "scripts/predict.py", f"ckpt_path={ckpt_path}", f"image={digit}", "number=4", "format=json"
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    answer = json.loads(predicted.stdout)
+    with torch.inference_mode():
+        digit_logits, sum_logits = module(preprocess_image(str(digit))[None], torch.eye(10)[[4]])
+    assert answer["digit"] == int(digit_logits.argmax()) and answer["sum"] == int(sum_logits.argmax())
+    assert answer["sum_prob"] == pytest.approx(float(sum_logits.softmax(-1).max()), abs=1e-6)
+
+    require_extra("onnx", "export")  # scripts/export.py writes both formats
+    exported = run_script("scripts/export.py", f"ckpt_path={ckpt_path}", f"output_dir={tmp_path / 'export'}")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    scripted = torch.jit.load(str(export_paths(ckpt_path, tmp_path / "export")["torchscript"]))
+    image, number_onehot = torch.randn(3, 1, 28, 28), torch.eye(10)[[1, 5, 9]]
+    with torch.inference_mode():
+        for got, want in zip(scripted(image, number_onehot)[:2], module(image, number_onehot), strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("adder", SHIFT_ADDERS)
@@ -232,10 +274,14 @@ def test_sum_only_training_through_a_detached_softmax_is_refused(make_cfg):
         train(make_cfg(["model/adder=shift", "model.digit_weight=0", "model.net.adder_input=detached"]))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_script("scripts/train.py", *args)
 
 
 def test_an_unknown_adder_is_one_error_line_naming_the_choices(tmp_path):

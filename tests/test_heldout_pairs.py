@@ -258,7 +258,9 @@ def test_a_run_without_heldout_pairs_reports_no_split(trained_run):
 # the contrast is clear. Measured (seed 1; conv also seeds 2, 3): seen / unseen pairs mlp 87.4 / 0.0 %,
 # shift 95.1 / 95.7 %, conv 95.8 / 96.2, 96.9 / 97.6 and 97.0 / 97.3 %. With 15 steps mlp's seen pairs
 # fell to 54 %. The floors catch a broken pipeline or mechanism, not noise.
-ADDER_SEEN_FLOOR = {"mlp": 0.70, "shift": 0.90, "conv": 0.90}
+# "default" is model=small as a new user gets it, with no adder named: conv since issue 33, so this run
+# fails if the default goes back to an adder that memorises.
+ADDER_SEEN_FLOOR = {"mlp": 0.70, "shift": 0.90, "default": 0.90}
 # How far the adders that add may score below (or above) their seen pairs on unseen ones (points / 100).
 UNSEEN_TOLERANCE = 0.03
 # What an adder that memorised the pairs scores on the unseen ones: about nothing (0 of 1,926 measured).
@@ -266,7 +268,7 @@ MEMORISED_CEILING = 0.02
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adder", ["mlp", "shift", "conv"])
+@pytest.mark.parametrize("adder", ["mlp", "shift", "default"])
 def test_a_real_run_and_eval_report_seen_and_unseen_pairs(real_data_dir, tmp_path, adder):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
     train = run_script(
@@ -274,7 +276,7 @@ def test_a_real_run_and_eval_report_seen_and_unseen_pairs(real_data_dir, tmp_pat
         f"paths.data_dir={real_data_dir}",
         f"hydra.run.dir={run_dir}",
         "experiment=fast",  # weight averaging off: it would score near-initial weights after 25 steps
-        f"model/adder={adder}",
+        *([] if adder == "default" else [f"model/adder={adder}"]),
         "data.heldout_pairs=one_per_sum",
         "trainer.max_epochs=1",
         *NO_DETECTOR,

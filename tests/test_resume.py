@@ -329,8 +329,12 @@ def short_ema_run(short_run, tmp_path_factory) -> tuple[Path, dict]:
 
 def _same_weights(got: Path, expected: Path) -> None:
     got_ckpt, expected_ckpt = (torch.load(p, weights_only=False) for p in (got, expected))
+    # The temperatures are fitted after the fit and written into the checkpoint handed over, which may
+    # be the one compared with here (epoch_000.ckpt when epoch 0 validated best): not training's weights.
+    fitted_after = {name for name in expected_ckpt["state_dict"] if name.endswith("_temperature")}
     for key in ("state_dict", "current_model_state"):  # the average, and the weights trained on
-        assert all(torch.equal(got_ckpt[key][k], v) for k, v in expected_ckpt[key].items()), key
+        for name, value in expected_ckpt[key].items():
+            assert name in fitted_after or torch.equal(got_ckpt[key][name], value), (key, name)
 
 
 def test_an_interrupted_ema_run_resumes_exactly(short_ema_run, tmp_path):
