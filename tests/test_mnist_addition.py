@@ -115,6 +115,113 @@ def test_the_map_sum_at_100_digits_beats_the_digits_sum_and_stays_small():
     assert widest < 50  # the exact search keeps a handful of prefixes per position, not 10^N
 
 
+# ---- the loss: exact, with its true gradient, where the digits are read confidently wrong ----------
+
+
+def confidently_wrong_logits(true_digits: torch.Tensor, margin: float) -> torch.Tensor:
+    """[B, 2N, 10] float64 logits that read every digit d as its neighbour (d + 1) mod 10, `margin` above
+    every other digit, d included: the default backbone's collapse at seed 1 (issue 34)."""
+    return margin * torch.nn.functional.one_hot((true_digits + 1) % 10, 10).double()
+
+
+def true_sum_of(true_digits: torch.Tensor) -> torch.Tensor:
+    """The sum's digits [B, N + 1] of the two numbers whose digits are [B, 2N]."""
+    half = true_digits.shape[1] // 2
+    return add_digits(true_digits[:, :half], true_digits[:, half:])
+
+
+def brute_force_log_prob(logits: torch.Tensor, sum_digits: torch.Tensor) -> torch.Tensor:
+    """log P(sum) [B] in float64 from every digit combination, differentiable: each number's distribution
+    over its 10^N values (the Kronecker product of its digits' softmax, most significant first), then
+    P(S) = sum_x P(first = x) P(second = S - x)."""
+    digits = logits.shape[1] // 2
+    probs = logits.double().softmax(dim=-1)
+    out = []
+    for example, sum_row in zip(probs, sum_digits, strict=True):
+        first, second = torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        for position in range(digits):
+            first = torch.kron(first, example[position])
+            second = torch.kron(second, example[digits + position])
+        total = int("".join(map(str, sum_row.tolist())))
+        values = torch.arange(max(0, total - 10**digits + 1), min(total, 10**digits - 1) + 1)
+        out.append((first[values] * second[total - values]).sum().log())
+    return torch.stack(out)
+
+
+def reference_log_prob(logits: torch.Tensor, sum_digits: torch.Tensor) -> torch.Tensor:
+    """log P(sum) [B] in float64, the same carry chain written again plainly (-inf for log 0, no
+    gradient needed): what the float32 code should give at any N."""
+    digits = logits.shape[1] // 2
+    log_probs = logits.double().log_softmax(dim=-1)
+    first, second = log_probs[:, :digits].flip(1), log_probs[:, digits:].flip(1)  # least significant first
+    pair = torch.full((len(logits), digits, 19), -math.inf, dtype=torch.float64)
+    for a in range(10):
+        for b in range(10):
+            pair[:, :, a + b] = torch.logaddexp(pair[:, :, a + b], first[:, :, a] + second[:, :, b])
+    low_first, rows = sum_digits.flip(1), torch.arange(len(logits))
+    alpha = torch.tensor([0.0, -math.inf], dtype=torch.float64).expand(len(logits), 2)
+    for position in range(digits):
+        following = torch.full_like(alpha, -math.inf)
+        for carry in range(2):
+            for carry_out in range(2):
+                needed = low_first[:, position] - carry + 10 * carry_out
+                impossible = (needed < 0) | (needed > 18)
+                term = pair[rows, position, needed.clamp(0, 18)].masked_fill(impossible, -math.inf)
+                following[:, carry_out] = torch.logaddexp(following[:, carry_out], alpha[:, carry] + term)
+        alpha = following
+    return alpha[rows, sum_digits[:, 0].clamp(0, 1)].masked_fill(sum_digits[:, 0] > 1, -math.inf)
+
+
+def model_log_prob(logits: torch.Tensor, sum_digits: torch.Tensor) -> torch.Tensor:
+    """log P(sum) [B] as the training loss computes it (float32)."""
+    return carry_chain_log_prob(pair_sum_log_probs(logits, ShiftConvolution()), sum_digits)
+
+
+@pytest.mark.parametrize("margin", [10, 20, 30, 40])
+@pytest.mark.parametrize("digits", [1, 2, 3])
+def test_the_loss_and_its_gradient_are_exact_where_digits_are_read_confidently_wrong(digits, margin):
+    # Every digit read as its neighbour: the true sum's log P is about -margin per position, below the
+    # adders' floor of -30 from margin 30 on; a floor there would give those images no gradient at all.
+    true_digits = torch.randint(0, 10, (16, 2 * digits), generator=torch.Generator().manual_seed(digits))
+    sums = true_sum_of(true_digits)
+    reference_logits = confidently_wrong_logits(true_digits, margin).requires_grad_(True)
+    expected = brute_force_log_prob(reference_logits, sums)
+    (-expected.sum()).backward()
+    logits = reference_logits.detach().float().requires_grad_(True)
+    got = model_log_prob(logits, sums)
+    (-got.sum()).backward()
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=0), (got, expected)
+    scale = float(reference_logits.grad.abs().max())
+    assert torch.allclose(logits.grad.double(), reference_logits.grad, rtol=0, atol=1e-5 * scale)
+    assert (logits.grad.abs().amax(dim=-1) > 0).all()  # every image hears from the loss
+
+
+def test_the_loss_at_100_digits_is_finite_and_matches_float64():
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 200, 10, generator=generator) * 30).requires_grad_(True)
+    true_digits = torch.randint(0, 10, (8, 200), generator=generator)
+    for sums in (true_sum_of(true_digits), true_sum_of(logits.argmax(dim=-1))):
+        got = model_log_prob(logits, sums)
+        loss = -got.mean()
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        # Thousands of nats for the true digits' sums: float32 keeps them to a few parts in 10^7.
+        assert torch.allclose(got.double(), reference_log_prob(logits.detach(), sums), rtol=1e-5, atol=1e-4)
+
+
+def test_a_true_sum_far_below_minus_ten_thousand_nats_is_not_taken_for_log_0():
+    # 100 positions at about -150 nats each: log P about -1.5e4, below what an unreachable carry stood
+    # for before (-1e4), where that fake path outweighed the real one.
+    true_digits = torch.randint(0, 10, (4, 200), generator=torch.Generator().manual_seed(1))
+    sums = true_sum_of(true_digits)
+    logits = confidently_wrong_logits(true_digits, 150).float().requires_grad_(True)
+    got = model_log_prob(logits, sums)
+    (grad,) = torch.autograd.grad(-got.sum(), logits)
+    expected = reference_log_prob(logits.detach(), sums)
+    assert (expected < -1.0e4).all()
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=0) and torch.isfinite(grad).all()
+
+
 def test_add_digits_is_integer_addition():
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(0, 10, (50, 4), generator=generator) for _ in range(2))

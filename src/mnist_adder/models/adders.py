@@ -16,6 +16,10 @@ below LOG_PROB_FLOOR: an impossible sum (s < n or s > n + 9) gets the floor, not
 training loss with label smoothing (which averages -log P over all 19 sums), the ONNX export and every
 gradient stay finite. The floor's mass, at most 18 * exp(-30) < 1e-11, is far below float32's
 resolution of a probability near 1.
+
+MNIST addition (models/number_sum.py) uses the same convolution without the floor (`floor=None`): there
+the log-probability of the true sum is the loss itself, and a clamp has no gradient, so a floored
+position would give its images none.
 """
 
 import math
@@ -31,9 +35,12 @@ LOG_PROB_FLOOR = -30.0
 # kernels stayed blurred for long, the sum far less certain than the digit (100 steps of batch 128 with
 # one_per_sum held out: test/sum_coherence_gap 0.66 without it, 0.06 with it, seed 1).
 KERNEL_GAIN = 10.0
-# Added to the terms of a sum that has no such digit (s - d outside 0..9): exp() of it is exactly 0,
-# and it stays finite in bf16 and fp16, unlike -inf (whose logsumexp gradient is NaN).
-_NO_TERM = -1.0e4
+# Stands for log 0 (a sum with no such digit, s - d outside 0..9; an unreachable carry in
+# models/number_sum.py): exp() of it is exactly 0 in float32, and it stays finite, unlike -inf, whose
+# logsumexp gradient is NaN where every term is -inf. Far below any log-probability a float32 loss
+# reaches: a true log P of -1e4 is only 100 digit positions at -100 each, which -1e4 could not stand
+# for. The log-probabilities it masks are float32 (it would overflow fp16).
+LOG_ZERO = -1.0e30
 
 
 def _log_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -43,7 +50,8 @@ def _log_probs(probs: torch.Tensor) -> torch.Tensor:
 
 class ShiftConvolution(nn.Module):
     """log P(s) = logsumexp_d [log p(d) + log k(s - d)], s in 0..18: the log of the convolution of the
-    digit distribution p with a kernel k over the shifts 0..9, floored at LOG_PROB_FLOOR."""
+    digit distribution p with a kernel k over the shifts 0..9, floored at LOG_PROB_FLOOR for the adders
+    (exact for MNIST addition, see `convolve`)."""
 
     shift_of: torch.Tensor
     has_shift: torch.Tensor
@@ -56,11 +64,19 @@ class ShiftConvolution(nn.Module):
         self.register_buffer("shift_of", shift.clamp(0, NUM_DIGITS - 1), persistent=False)
         self.register_buffer("has_shift", (shift >= 0) & (shift < NUM_DIGITS), persistent=False)
 
-    def convolve(self, digit_log_probs: torch.Tensor, shift_log_probs: torch.Tensor) -> torch.Tensor:
-        """[B, 10] digit log-probabilities and [B, 10] kernel log-probabilities -> [B, 19] sum log-probs."""
+    def convolve(
+        self,
+        digit_log_probs: torch.Tensor,
+        shift_log_probs: torch.Tensor,
+        floor: float | None = LOG_PROB_FLOOR,
+    ) -> torch.Tensor:
+        """[B, 10] digit log-probabilities and [B, 10] kernel log-probabilities (float32) -> [B, 19] sum
+        log-probs, none below `floor`. With `floor=None` they are exact, with their full gradient: every
+        sum 0..18 has at least one digit, so none is log 0."""
         terms = shift_log_probs[:, self.shift_of] + digit_log_probs[:, None, :]  # [B, 19, 10]
-        terms = terms.masked_fill(~self.has_shift, _NO_TERM)
-        return terms.logsumexp(dim=-1).clamp_min(LOG_PROB_FLOOR)
+        terms = terms.masked_fill(~self.has_shift, LOG_ZERO)
+        log_probs = terms.logsumexp(dim=-1)
+        return log_probs if floor is None else log_probs.clamp_min(floor)
 
 
 class ShiftAdder(ShiftConvolution):

@@ -12,8 +12,11 @@ position i (c_0 = 0) and c_{i+1} = 1 when a_i + b_i + c_i >= 10; digit N of the 
      the pair sums are fixed by S and the carries.
 
 That is O(N) per example and exact, computed in log space (`sum_log_prob`); the training loss is its
-negative for the true sum. Sums are held as their N + 1 digits, not as integers: at N = 100 a sum has
-101 digits, far beyond int64.
+negative for the true sum. Nothing is floored on the way (the adders' LOG_PROB_FLOOR is not applied
+here): a clamp has no gradient, so digits read confidently wrong, whose pair sums fall below any floor,
+would get none back from the loss. Impossible terms and unreachable carries are masked with LOG_ZERO
+instead, so the loss is -log P(true sum) with its true gradient wherever P > 0 in float32. Sums are
+held as their N + 1 digits, not as integers: at N = 100 a sum has 101 digits, far beyond int64.
 
 The most probable sum (`map_sum`) cannot be found by enumerating the 2 * 10^N - 1 sums. It is found
 exactly by a forward pass over prefixes of the sum's digits that keeps, per position, only the prefixes
@@ -26,11 +29,7 @@ from torch import nn
 
 from mnist_adder.classes import NUM_DIGITS, NUM_SUMS
 from mnist_adder.digit_numbers import add_digits
-from mnist_adder.models.adders import ShiftConvolution
-
-# Stands for log 0 where a carry state is unreachable: exp() of it is 0 and it stays finite, so that the
-# logsumexp's gradient is not NaN.
-_LOG_ZERO = -1.0e4
+from mnist_adder.models.adders import LOG_ZERO, ShiftConvolution
 
 
 class NumberSumNet(nn.Module):
@@ -58,13 +57,13 @@ class NumberSumNet(nn.Module):
 
 def pair_sum_log_probs(digit_logits: torch.Tensor, convolution: ShiftConvolution) -> torch.Tensor:
     """Digit logits [B, 2N, 10] (first number's digits then the second's, most significant first) ->
-    log P(a_i + b_i = t) [B, N, 19], least significant position first, in float32."""
+    log P(a_i + b_i = t) [B, N, 19], least significant position first, in float32, exact (no floor)."""
     batch, count, _ = digit_logits.shape
     digits = count // 2
     log_probs = digit_logits.float().log_softmax(dim=-1).flip(1)  # least significant first
     # flip(1) reverses the whole row: positions 0..N-1 are now the second number's, N..2N-1 the first's.
     second, first = log_probs[:, :digits], log_probs[:, digits:]
-    pair = convolution.convolve(first.reshape(-1, NUM_DIGITS), second.reshape(-1, NUM_DIGITS))
+    pair = convolution.convolve(first.reshape(-1, NUM_DIGITS), second.reshape(-1, NUM_DIGITS), floor=None)
     return pair.view(batch, digits, NUM_SUMS)
 
 
@@ -87,13 +86,13 @@ def carry_chain_log_prob(pair_log_probs: torch.Tensor, sum_digits: torch.Tensor)
     needed, valid = _chain_indices(sum_digits)
     # [B, N, 4] -> [B, N, 2, 2]: log P(t_i = the pair sum that carry c in, c' out needs).
     terms = pair_log_probs.gather(2, needed.flatten(2)).view(batch, digits, 2, 2)
-    terms = terms.masked_fill(~valid, _LOG_ZERO)
-    alpha = pair_log_probs.new_tensor([0.0, _LOG_ZERO]).expand(batch, 2)  # carry 0 into position 0
+    terms = terms.masked_fill(~valid, LOG_ZERO)
+    alpha = pair_log_probs.new_tensor([0.0, LOG_ZERO]).expand(batch, 2)  # carry 0 into position 0
     for position in range(digits):
         alpha = (alpha[:, :, None] + terms[:, position]).logsumexp(dim=1)
     top = sum_digits[:, 0]
     log_prob = alpha.gather(1, top.clamp(0, 1)[:, None]).squeeze(1)
-    return log_prob.masked_fill(top > 1, _LOG_ZERO)
+    return log_prob.masked_fill(top > 1, LOG_ZERO)
 
 
 def argmax_digit_sum(digit_logits: torch.Tensor) -> torch.Tensor:
