@@ -2,6 +2,7 @@
 most probable sum, the protocol's datamodule, bad input, and a real run whose digits are learned from
 sums alone."""
 
+import inspect
 import json
 import math
 
@@ -14,7 +15,7 @@ from mnist_adder.config_checks import check_config
 from mnist_adder.data.mnist_addition import MnistAdditionDataModule
 from mnist_adder.digit_numbers import add_digits
 from mnist_adder.errors import UserError
-from mnist_adder.models import LeNet
+from mnist_adder.models import ConvBackbone, DigitSumNet, LeNet, MLPAdder
 from mnist_adder.models.adders import ShiftConvolution
 from mnist_adder.models.number_sum import (
     NumberSumNet,
@@ -23,7 +24,10 @@ from mnist_adder.models.number_sum import (
     map_sum,
     pair_sum_log_probs,
 )
+from mnist_adder.training import train as train_module
 from mnist_adder.training.addition_module import NumberAdditionModule
+from mnist_adder.training.module import DigitSumModule
+from mnist_adder.training.task import TaskModule
 from mnist_adder.training.train import train
 
 from conftest import compose_config
@@ -285,7 +289,7 @@ def test_no_digit_label_reaches_the_loss(tiny_mnist):
     losses, grads = [], []
     for digit_labels in (labels, torch.randint(0, 10, labels.shape)):  # the true labels, then random
         module.zero_grad()
-        loss = module._step((images, sums, digit_labels), "val")
+        loss = module._step((images, sums, digit_labels), "val")[0]
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
@@ -337,6 +341,34 @@ def test_digits_that_leave_no_test_example_stop_before_training(make_cfg, tiny_m
         )
     assert "data.digits=61" in str(err.value) and "120 test images make none" in str(err.value)
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("calibrate=true", "has no temperatures"), ("not_digit_accept=0.99", "has no 'not a digit' detector")],
+)
+def test_a_post_training_fit_the_addition_net_has_no_place_for_stops_before_training(
+    make_cfg, tiny_mnist, tmp_path, override, message
+):
+    overrides = ["data=mnist_addition", f"paths.data_dir={tiny_mnist}", "data.val_size=60", override]
+    with pytest.raises(UserError, match=f"NumberAdditionModule {message}"):
+        train(make_cfg(overrides))
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+
+
+def test_both_tasks_share_one_base_and_say_what_train_reads_of_them():
+    addition = NumberAdditionModule(NumberSumNet(LeNet()), optimizer=torch.optim.SGD)
+    digit_sum = DigitSumModule(DigitSumNet(ConvBackbone(), MLPAdder()), optimizer=torch.optim.SGD)
+    assert isinstance(addition, TaskModule) and isinstance(digit_sum, TaskModule)
+    assert not addition.has_temperatures and not addition.has_not_digit_detector
+    assert digit_sum.has_temperatures and digit_sum.has_not_digit_detector
+    assert addition.test_result_lists() == {} and digit_sum.temperatures() == (1.0, 1.0)
+    with pytest.raises(NotImplementedError, match="NumberAdditionModule has no temperatures"):
+        addition.temperatures()
+    # train() reads a task through TaskModule only: it names neither task.
+    source = inspect.getsource(train_module)
+    assert "DigitSumModule" not in source and "NumberAdditionModule" not in source
+    assert "hasattr" not in source
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ MNIST is 47 MB as uint8: keeping it as one normalised tensor (on the accelerator
 and slicing batches out of it costs a gather per step, which is far cheaper than a DataLoader.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -26,6 +26,17 @@ def one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     step could not show whether a step reads nothing back (tests/test_host_reads.py)."""
     rows = torch.zeros(classes.shape[0], num_classes, device=classes.device)
     return rows.scatter_(1, classes.unsqueeze(1), 1.0)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's order (and numbers) from the run's seed: every epoch its own draw."""
+    return seed * 1_000_003 + epoch
+
+
+def augment_seed(epoch_seed: int, batch: int, rank: int) -> int:
+    """The seed of one training batch's augmentation, per (seed, epoch, batch, rank): any batch can be
+    reproduced on its own."""
+    return (epoch_seed * 100_003 + batch) * 64 + rank
 
 
 def draw_numbers(
@@ -104,7 +115,7 @@ class TrainBatches:
         return -(-per_rank // self.batch_size)
 
     def _epoch_seed(self, epoch: int) -> int:
-        return self.seed * 1_000_003 + epoch
+        return epoch_seed(self.seed, epoch)
 
     def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample indices of this rank in order, numbers paired with all samples) for an epoch."""
@@ -147,14 +158,33 @@ class TrainBatches:
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[idx]
             if self.augment is not None:
-                # Seeded per (seed, epoch, batch, rank): any batch can be reproduced on its own.
-                seed = (self._epoch_seed(epoch) * 100_003 + i) * 64 + self.rank
+                seed = augment_seed(self._epoch_seed(epoch), i, self.rank)
                 images = self.augment(images, torch.Generator(device=device).manual_seed(seed))
             self._handed_out = i + 1
             yield make_batch(images, self.labels[idx], numbers[idx])
 
 
-class EvalBatches:
+class StridedBatches:
+    """Batches in storage order of `tensors` that share their first dimension, this rank's strided shard
+    of them: every pass sees the same samples. Validation and test batches of both tasks."""
+
+    def __init__(
+        self, tensors: Sequence[torch.Tensor], batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        # Strided shards keep every sample exactly once across ranks without padding duplicates.
+        self.shards = tuple(tensor[rank::world_size] for tensor in tensors)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.shards[0]) // self.batch_size)
+
+    def slices(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Each batch's slice of every tensor, in the order of `tensors`."""
+        for start in range(0, len(self.shards[0]), self.batch_size):
+            yield tuple(shard[start : start + self.batch_size] for shard in self.shards)
+
+
+class EvalBatches(StridedBatches):
     """Batches in storage order with numbers fixed at construction: every pass sees the same pairs."""
 
     def __init__(
@@ -166,16 +196,10 @@ class EvalBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        # Strided shards keep every sample exactly once across ranks without padding duplicates.
-        self.images = images[rank::world_size]
-        self.labels = labels[rank::world_size]
-        self.numbers = numbers.to(images.device)[rank::world_size]
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        super().__init__((images, labels, numbers.to(images.device)), batch_size, rank, world_size)
+        # This rank's share, by name (eval counts the test images by its labels).
+        self.images, self.labels, self.numbers = self.shards
 
     def __iter__(self) -> Iterator[Batch]:
-        for start in range(0, len(self.labels), self.batch_size):
-            stop = start + self.batch_size
-            yield make_batch(self.images[start:stop], self.labels[start:stop], self.numbers[start:stop])
+        for images, labels, numbers in self.slices():
+            yield make_batch(images, labels, numbers)

@@ -1,25 +1,25 @@
 """The LightningDataModule: MNIST images paired with a random number, batches of
 (image, number_onehot, label, sum_onehot)."""
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from mnist_adder.config_checks import check_heldout_pairs
 from mnist_adder.data.batches import EvalBatches, TrainBatches, draw_numbers
-from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize, validation_split
+from mnist_adder.data.mnist import load_mnist, normalize, validation_split
+from mnist_adder.data.task_data import TaskDataModule
 from mnist_adder.heldout import heldout_table
 
 
-class MnistSumDataModule(pl.LightningDataModule):
-    """MNIST held in memory as normalised tensors, split into train/val, with the test set kept apart.
+class MnistSumDataModule(TaskDataModule):
+    """MNIST images paired with a random number 0..9: batches of (image, number_onehot, label, sum_onehot).
 
-    The validation split and the validation/test numbers come from `split_seed` and `pair_seed`, not
-    from the run's `seed`: every run, whatever its seed, is selected and tested on the same pairs.
-    Training order and numbers come from `seed` (and the epoch, when `resample_numbers`).
+    The keys every task's data has (`data_dir`, `batch_size`, `eval_batch_size`, `val_size`, `download`,
+    `seed`, `split_seed`, `pair_seed`, `on_device`, `augment`) are `TaskDataModule`'s. The validation and
+    test numbers come from `pair_seed` (validation's from `pair_seed + 1`). Training order and numbers
+    come from `seed` (and the epoch, when `resample_numbers`).
 
     `heldout_pairs` (see mnist_adder.heldout) never occur in training or validation: the numbers that
     would form one are drawn again among the digit's other numbers. The test pairs stay as they are;
@@ -28,43 +28,20 @@ class MnistSumDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path = "data",
-        batch_size: int = 256,
-        eval_batch_size: int = 2000,
-        val_size: int = 5000,
-        download: bool = True,
+        *,
         resample_numbers: bool = True,
-        seed: int = 0,
-        split_seed: int = 0,
-        pair_seed: int = 1234,
-        on_device: bool = True,
-        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         heldout_pairs: str | Sequence[Sequence[int]] | None = None,
+        **shared: Any,
     ) -> None:
-        super().__init__()
         check_heldout_pairs(heldout_pairs)
+        super().__init__(**shared)
         # (10, 10) bool on the CPU, True at [digit, number] for a held-out pair; None when none is held out.
         self.heldout_table = heldout_table(heldout_pairs)
-        self.data_dir = Path(data_dir)
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_size = val_size
-        self.download, self.resample_numbers = download, resample_numbers
-        self.seed, self.split_seed, self.pair_seed = seed, split_seed, pair_seed
-        self.on_device = on_device
-        self.augment = augment
+        self.resample_numbers = resample_numbers
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._numbers: dict[str, torch.Tensor] = {}
         self._train_batches: TrainBatches | None = None
         self._train_resume_state: dict[str, int] | None = None  # from a checkpoint, for the next pass
-
-    def prepare_data(self) -> None:
-        ensure_mnist(self.data_dir, self.download)
-
-    def _device(self) -> torch.device:
-        # With the data on the accelerator a step is one gather, no host-to-device copy.
-        if self.on_device and self.trainer is not None:
-            return self.trainer.strategy.root_device
-        return torch.device("cpu")
 
     def setup(self, stage: str | None = None) -> None:
         device = self._device()
@@ -81,18 +58,6 @@ class MnistSumDataModule(pl.LightningDataModule):
             images, labels = load_mnist(self.data_dir, train=False)
             self._splits["test"] = (normalize(images).unsqueeze(1).to(device), labels.to(device))
             self._numbers["test"] = draw_numbers(len(labels), self.pair_seed)
-
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def _current_epoch(self) -> int:
-        # overfit_batches (debug=overfit) must see the same batches every epoch: Lightning turns off the
-        # shuffling of a DataLoader for it; ours shuffles by epoch, so it stays at epoch 0's order.
-        if self.trainer.overfit_batches > 0:
-            return 0
-        return self.trainer.current_epoch
 
     def _train_progress(self) -> tuple[int, bool]:
         # The trainer's own count of the batches trained in this pass (the loader is fetched one
@@ -139,9 +104,3 @@ class MnistSumDataModule(pl.LightningDataModule):
         images, labels = self._splits[split]
         rank, world_size = self._rank_and_world()
         return EvalBatches(images, labels, self._numbers[split], self.eval_batch_size, rank, world_size)
-
-    def val_dataloader(self) -> EvalBatches:
-        return self._eval_batches("val")
-
-    def test_dataloader(self) -> EvalBatches:
-        return self._eval_batches("test")

@@ -16,13 +16,14 @@ integer: at N = 100 it would not fit in int64.
 """
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from mnist_adder.config_checks import check_addition_digits
-from mnist_adder.data.mnist import ensure_mnist, load_mnist, normalize, validation_split
+from mnist_adder.data.batches import StridedBatches, augment_seed, epoch_seed
+from mnist_adder.data.mnist import load_mnist, normalize, validation_split
+from mnist_adder.data.task_data import TaskDataModule
 from mnist_adder.digit_numbers import add_digits
 
 TrainBatch = tuple[torch.Tensor, torch.Tensor]
@@ -77,8 +78,8 @@ class AdditionTrainBatches:
     def __iter__(self) -> Iterator[TrainBatch]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else self._epochs_iterated
         self._epochs_iterated = epoch + 1
-        epoch_seed = self.seed * 1_000_003 + epoch
-        order = torch.randperm(len(self.sums), generator=torch.Generator().manual_seed(epoch_seed))
+        seed = epoch_seed(self.seed, epoch)
+        order = torch.randperm(len(self.sums), generator=torch.Generator().manual_seed(seed))
         per_rank = self._per_rank()
         order = order[self.rank * per_rank : (self.rank + 1) * per_rank].to(self.sums.device)
         device = self.images.device
@@ -87,78 +88,34 @@ class AdditionTrainBatches:
             images = self.images[idx]
             if self.augment is not None:
                 flat = images.flatten(0, 1)
-                generator = torch.Generator(device=device).manual_seed(
-                    (epoch_seed * 100_003 + i) * 64 + self.rank
-                )
+                generator = torch.Generator(device=device).manual_seed(augment_seed(seed, i, self.rank))
                 images = self.augment(flat, generator).view_as(images)
             yield images, self.sums[idx]
 
 
-class AdditionEvalBatches:
-    """Validation or test batches in storage order: every pass sees the same examples."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        sums: torch.Tensor,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.images, self.labels = images[rank::world_size], labels[rank::world_size]
-        self.sums = sums[rank::world_size]
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.sums) // self.batch_size)
+class AdditionEvalBatches(StridedBatches):
+    """Validation or test batches in storage order, of the tensors (images, sum digits, digit labels):
+    every pass sees the same examples."""
 
     def __iter__(self) -> Iterator[EvalBatch]:
-        for start in range(0, len(self.sums), self.batch_size):
-            stop = start + self.batch_size
-            yield self.images[start:stop], self.sums[start:stop], self.labels[start:stop]
+        return self.slices()
 
 
-class MnistAdditionDataModule(pl.LightningDataModule):
+class MnistAdditionDataModule(TaskDataModule):
     """MNIST addition of two `digits`-digit numbers (see the module's docstring for the protocol).
 
-    `batch_size` and `eval_batch_size` count images: a batch holds max(1, batch_size // (2 * digits))
-    examples, so that a step costs about the same at every N.
+    The other keys are `TaskDataModule`'s. `batch_size` and `eval_batch_size` count images: a batch
+    holds max(1, batch_size // (2 * digits)) examples, so that a step costs about the same at every N.
     """
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        digits: int = 1,
-        batch_size: int = 256,
-        eval_batch_size: int = 2000,
-        val_size: int = 5000,
-        download: bool = True,
-        seed: int = 0,
-        split_seed: int = 0,
-        pair_seed: int = 1234,
-        on_device: bool = True,
-        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__()
+    def __init__(self, *, digits: int = 1, **shared: Any) -> None:
         check_addition_digits(digits)
-        self.data_dir = Path(data_dir)
+        super().__init__(**shared)
         self.digits = digits
-        self.batch_size = max(1, batch_size // (2 * digits))
-        self.eval_batch_size = max(1, eval_batch_size // (2 * digits))
-        self.val_size, self.download = val_size, download
-        self.seed, self.split_seed, self.pair_seed = seed, split_seed, pair_seed
-        self.on_device, self.augment = on_device, augment
+        self.batch_size = max(1, self.batch_size // (2 * digits))
+        self.eval_batch_size = max(1, self.eval_batch_size // (2 * digits))
         # split -> (images [E, 2N, 1, 28, 28], digit labels [E, 2N], sum digits [E, N + 1])
         self._examples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def prepare_data(self) -> None:
-        ensure_mnist(self.data_dir, self.download)
-
-    def _device(self) -> torch.device:
-        if self.on_device and self.trainer is not None:
-            return self.trainer.strategy.root_device
-        return torch.device("cpu")
 
     def setup(self, stage: str | None = None) -> None:
         device = self._device()
@@ -186,14 +143,6 @@ class MnistAdditionDataModule(pl.LightningDataModule):
         """(images [E, 2N, 1, 28, 28], digit labels [E, 2N], sum digits [E, N + 1]) of a split."""
         return self._examples[split]
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def _current_epoch(self) -> int:
-        return 0 if self.trainer.overfit_batches > 0 else self.trainer.current_epoch
-
     def train_dataloader(self) -> AdditionTrainBatches:
         images, _, sums = self._examples["train"]  # the digit labels stay here
         rank, world_size = self._rank_and_world()
@@ -211,10 +160,4 @@ class MnistAdditionDataModule(pl.LightningDataModule):
     def _eval_batches(self, split: str) -> AdditionEvalBatches:
         images, labels, sums = self._examples[split]
         rank, world_size = self._rank_and_world()
-        return AdditionEvalBatches(images, labels, sums, self.eval_batch_size, rank, world_size)
-
-    def val_dataloader(self) -> AdditionEvalBatches:
-        return self._eval_batches("val")
-
-    def test_dataloader(self) -> AdditionEvalBatches:
-        return self._eval_batches("test")
+        return AdditionEvalBatches((images, sums, labels), self.eval_batch_size, rank, world_size)

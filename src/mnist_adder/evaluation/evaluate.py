@@ -118,7 +118,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
     results: dict[str, Any] = {name: float(value) for name, value in test_metrics.items()}
-    results |= {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
+    results |= module.test_result_lists()
     results |= module.calibration_results
     results |= {
         "ckpt_path": str(ckpt_path),

@@ -8,19 +8,15 @@ none (data/mnist_addition.py), and the module refuses a digit_weight other than 
 from collections.abc import Callable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
 from mnist_adder.models.number_sum import NumberSumNet, argmax_digit_sum, map_sums
-from mnist_adder.training.module import configure_optimizers
-from mnist_adder.training.step_speed import CompiledNet, compile_net, mark_step_begin, to_channels_last
-
-STAGES = ("train", "val", "test")
+from mnist_adder.training.task import StepResult, TaskModule
 
 
-class NumberAdditionModule(pl.LightningModule):
+class NumberAdditionModule(TaskModule):
     """Trains `net`'s backbone from the sums of two N-digit numbers.
 
     Logs per epoch `{train,val,test}/loss` (the mean -log P(true sum)) and `{train,val,test}/sum_acc`,
@@ -31,67 +27,48 @@ class NumberAdditionModule(pl.LightningModule):
     enumeration), and `test/sum_acc_ceiling` = digit_acc^(2N), what `sum_acc` would be if the errors of
     the 2N digits were independent.
 
-    `digit_weight` and `sum_weight` are the recipe's (conf/model/recipe/): the loss is `sum_weight` times
-    the sum's NLL, and `digit_weight` must be 0 (the protocol gives the loss no digit label).
-    `label_smoothing` must be 0: there is no fixed set of sum classes to smooth over.
+    The recipe keys are `TaskModule`'s (conf/model/recipe/): the loss is `sum_weight` times the sum's
+    NLL, and `digit_weight` must be 0 (the protocol gives the loss no digit label). `label_smoothing`
+    must be 0: there is no fixed set of sum classes to smooth over. Its net has no temperatures and no
+    "not a digit" detector: nothing is fitted after training.
     """
 
     def __init__(
         self,
         net: NumberSumNet,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
         digit_weight: float = 0.0,
-        sum_weight: float = 1.0,
-        scheduler_interval: str = "step",
-        label_smoothing: float = 0.0,
-        compile: bool = False,
-        compile_mode: str | None = None,
-        channels_last: bool = False,
+        **recipe: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(net, optimizer, digit_weight=digit_weight, **recipe)
         if digit_weight != 0:
             raise ValueError(
                 f"digit_weight must be 0 in MNIST addition, not {digit_weight}: only the sum is a label"
             )
-        if not sum_weight > 0:
-            raise ValueError(f"sum_weight must be > 0, not {sum_weight}: it is the only loss")
-        if label_smoothing != 0:
-            raise ValueError(f"label_smoothing must be 0 in MNIST addition, not {label_smoothing}")
-        self.net = net
-        # How the training steps run, as DigitSumModule's (training/step_speed.py).
-        self.compile_training, self.compile_mode, self.channels_last = compile, compile_mode, channels_last
-        self._compiled = CompiledNet()
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.sum_weight, self.scheduler_interval = sum_weight, scheduler_interval
-        # Not named after the stages: nn.ModuleDict refuses the key "train" (it is a method).
-        self.stage_metrics = nn.ModuleDict(
-            {
-                f"{stage}_metrics": nn.ModuleDict({"loss": MeanMetric(), "sum_acc": MeanMetric()})
-                for stage in STAGES
-            }
-        )
-        for stage in ("val", "test"):
-            self.stage_metrics[f"{stage}_metrics"]["digit_acc"] = MeanMetric()
-        self.stage_metrics["test_metrics"]["sum_acc_map"] = MeanMetric()
+        if not self.sum_weight > 0:
+            raise ValueError(f"sum_weight must be > 0, not {self.sum_weight}: it is the only loss")
+        if self.label_smoothing != 0:
+            raise ValueError(f"label_smoothing must be 0 in MNIST addition, not {self.label_smoothing}")
         # The most prefixes the MAP decoding kept at one position in the last test (how wide its exact
         # search had to be); in metrics.json as test/map_prefixes_max.
         self.map_prefixes_max = 0
         self.images_per_example = 0  # 2N, from the batches
-        # What train.py reads of every module: no per-class lists here.
-        self.per_class_results: dict[str, list[float]] = {}
+
+    def _stage_metrics(self, stage: str) -> nn.Module:
+        names = ["loss", "sum_acc"]
+        if stage != "train":
+            names.append("digit_acc")  # the batches of validation and test carry the digit labels
+        if stage == "test":
+            names.append("sum_acc_map")
+        return nn.ModuleDict({name: MeanMetric() for name in names})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> StepResult:
         images, sums = batch[0], batch[1]
         self.images_per_example = images.shape[1]
-        if stage == "train" and self._compiled.fn is not None:
-            mark_step_begin(self.compile_mode)
-            digit_logits = self._compiled.fn(images)
-        else:
-            digit_logits = self.net(images)
+        digit_logits = self._net_for(stage)(images)
         loss = -self.net.sum_log_prob(digit_logits, sums).mean()
         metrics = self.stage_metrics[f"{stage}_metrics"]
         with torch.no_grad():
@@ -106,50 +83,18 @@ class NumberAdditionModule(pl.LightningModule):
                 self.map_prefixes_max = max(self.map_prefixes_max, widest)
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
-        return self.sum_weight * loss
+        return self.sum_weight * loss, None
 
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.channels_last:
-            to_channels_last(self.net)
-        if self.compile_training:
-            self._compiled.fn = compile_net(self.net, self.compile_mode)
-
-    def on_fit_end(self) -> None:
-        self._compiled.fn = None  # the test reads the eager network
-
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        # compute() has already reduced over all processes (see DigitSumModule._log_synced).
+    def _end_epoch(self, stage: str) -> None:
+        # compute() has already reduced over all processes (see TaskModule._log_synced).
         metrics = self.stage_metrics[f"{stage}_metrics"]
         values = {f"{stage}/{name}": metric.compute() for name, metric in metrics.items()}
         if stage == "test":
             values["test/sum_acc_ceiling"] = values["test/digit_acc"] ** self.images_per_example
             values["test/map_prefixes_max"] = torch.tensor(float(self.map_prefixes_max))
-        self.log_dict(values, sync_dist=True)
+        self._log_synced(values)
         for metric in metrics.values():
             metric.reset()
 
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
     def on_test_epoch_start(self) -> None:
         self.map_prefixes_max = 0
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(self)

@@ -1,10 +1,8 @@
 """The LightningModule: trains both heads of a DigitSumNet with one joint loss."""
 
-import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
@@ -22,15 +20,8 @@ from mnist_adder.training.metrics import (
     calibration_error,
     reliability_bins,
 )
-from mnist_adder.training.step_speed import (
-    CompiledNet,
-    compile_net,
-    make_optimizer,
-    mark_step_begin,
-    to_channels_last,
-)
+from mnist_adder.training.task import StepResult, TaskModule
 
-STAGES = ("train", "val", "test")
 # Accuracy of each head per true class, for validation and test only (training steps stay as they were).
 PER_CLASS_STAGES = ("val", "test")
 PER_CLASS_METRICS = {"digit_acc_per_class": NUM_DIGITS, "sum_acc_per_class": NUM_SUMS}
@@ -53,7 +44,7 @@ def _calibration_metrics() -> nn.ModuleDict:
     return nn.ModuleDict({name: calibration_error(n) for name, n in CALIBRATION_METRICS.items()})
 
 
-class DigitSumModule(pl.LightningModule):
+class DigitSumModule(TaskModule):
     """Loss = digit_weight * CE(digit_logits, label) + sum_weight * CE(sum_logits, label + number).
 
     Logs `{train,val,test}/{loss,digit_loss,sum_loss,digit_acc,sum_acc,both_acc,sum_given_digit_acc}`
@@ -74,38 +65,18 @@ class DigitSumModule(pl.LightningModule):
     L1), and keeps the bins of its reliability diagram in `calibration_results`
     (`test/{digit,sum}_reliability`).
 
-    `compile`: the training steps run the network through `torch.compile` (`compile_mode`: its mode,
-    e.g. "reduce-overhead" for CUDA graphs); validation, test and everything after fit run it eagerly,
-    and the weights, state dict and checkpoints are those of the eager network. `channels_last`: the
-    network's weights in channels-last memory order from the start of fit. Both off by default
-    (`mnist_adder.training.step_speed`, docs/speed.md).
+    The recipe keys (`optimizer`, `scheduler`, `digit_weight`, `sum_weight`, `label_smoothing`,
+    `compile`, `compile_mode`, `channels_last`) are `TaskModule`'s. Its net has temperatures and a
+    "not a digit" detector, fitted after training (`mnist_adder.postfit`).
     """
 
+    has_temperatures: ClassVar[bool] = True
+    has_not_digit_detector: ClassVar[bool] = True
+
     def __init__(
-        self,
-        net: DigitSumNet,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
-        digit_weight: float = 1.0,
-        sum_weight: float = 1.0,
-        scheduler_interval: str = "step",
-        label_smoothing: float = 0.0,
-        compile: bool = False,
-        compile_mode: str | None = None,
-        channels_last: bool = False,
+        self, net: DigitSumNet, optimizer: Callable[..., torch.optim.Optimizer], **recipe: Any
     ) -> None:
-        super().__init__()
-        self.compile_training, self.compile_mode = compile, compile_mode
-        self.channels_last = channels_last
-        self._compiled = CompiledNet()  # set for the training steps of a fit (setup), None otherwise
-        self.net = net
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.digit_weight, self.sum_weight = digit_weight, sum_weight
-        self.scheduler_interval = scheduler_interval
-        # Training loss only: validation and test losses stay plain cross-entropy, comparable across recipes.
-        self.label_smoothing = label_smoothing
-        # Not named after the stages: nn.ModuleDict refuses the key "train" (it is a method).
-        self.stage_metrics = nn.ModuleDict({f"{stage}_metrics": DigitSumMetrics() for stage in STAGES})
+        super().__init__(net, optimizer, **recipe)
         self.per_class_metrics = nn.ModuleDict(
             {f"{stage}_per_class": _per_class_metrics() for stage in PER_CLASS_STAGES}
         )
@@ -122,24 +93,22 @@ class DigitSumModule(pl.LightningModule):
         self.calibration_metrics = nn.ModuleDict(
             {f"{stage}_calibration": _calibration_metrics() for stage in CALIBRATION_STAGES}
         )
-        # The last test's reliability-diagram bins per head, e.g. {"test/digit_reliability": {...}}.
-        self.calibration_results: dict[str, dict[str, list[float]]] = {}
+
+    def _stage_metrics(self, stage: str) -> nn.Module:
+        return DigitSumMetrics()
 
     def forward(self, image: torch.Tensor, number_onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(image, number_onehot)
 
-    def _step(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, digit predictions and sum predictions of one batch; updates the stage's metrics."""
+    def _step(self, batch: Batch, stage: str) -> StepResult:
+        """Loss and {"digit_pred", "sum_pred"} of one batch; updates the stage's metrics."""
         image, number_onehot, label, sum_onehot = batch
-        if stage == "train" and self._compiled.fn is not None:
-            mark_step_begin(self.compile_mode)
-            digit_logits, sum_logits = self._compiled.fn(image, number_onehot)
-        elif stage == "val" and getattr(self.net, "test_shifts", False):
+        if stage == "val" and getattr(self.net, "test_shifts", False):
             # Validation is part of training (checkpoint selection, early stopping) and its time counts
             # in the fit: it reads the plain net; test-time shifts are for test and use.
             digit_logits, sum_logits = self.net(image, number_onehot, shifts=False)
         else:
-            digit_logits, sum_logits = self.net(image, number_onehot)
+            digit_logits, sum_logits = self._net_for(stage)(image, number_onehot)
         sum_label = sum_onehot.argmax(dim=-1)
         smoothing = self.label_smoothing if stage == "train" else 0.0
         digit_loss = F.cross_entropy(digit_logits, label, label_smoothing=smoothing)
@@ -170,52 +139,13 @@ class DigitSumModule(pl.LightningModule):
                 calibration["sum_ece"].update(sum_logits.float().softmax(dim=-1), sum_label)
         if stage == "train":
             self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
-        return loss, digit_pred, sum_pred
-
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.channels_last:
-            to_channels_last(self.net)
-        if self.compile_training:
-            self._compiled.fn = compile_net(self.net, self.compile_mode)
-
-    def on_fit_end(self) -> None:
-        # The test and the post-training fits after it read the eager network: one compile per fit.
-        self._compiled.fn = None
-
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")[0]
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        # The predictions go to callbacks' on_validation_batch_end (confusion matrices, misclassified images).
-        _, digit_pred, sum_pred = self._step(batch, "val")
-        return {"digit_pred": digit_pred, "sum_pred": sum_pred}
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def _log_synced(self, values: dict[str, torch.Tensor]) -> None:
-        """Log epoch values that a torchmetrics compute() has already reduced over all processes.
-
-        Each process then holds the number of the whole dataset, the same on all of them. sync_dist=True
-        tells Lightning so (without it, it warns that epoch values are not synced under DDP): its
-        reduction, the mean over processes of one and the same number, gives that number back (exactly
-        for 2, 4, 8... processes, to float rounding for others) at the cost of one all-reduce of a
-        scalar per value and epoch. Logging the Metric objects instead (Lightning computes and resets
-        them) does not fit: one DigitSumMetrics computes seven values from one synced state, and the
-        calibration metrics' states are read again for the reliability bins before their reset.
-        """
-        self.log_dict(values, sync_dist=True)
+        return loss, {"digit_pred": digit_pred, "sum_pred": sum_pred}
 
     def _log_epoch(self, stage: str) -> None:
         # Logged once per epoch from the accumulated sums: no per-step logging cost.
         metrics = self.stage_metrics[f"{stage}_metrics"]
         self._log_synced({f"{stage}/{name}": value for name, value in metrics.compute().items()})
         metrics.reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
 
     def _end_per_class_epoch(self, stage: str) -> None:
         # Lightning's self.log takes scalars only: the per-class vectors are computed (and synced across
@@ -229,10 +159,6 @@ class DigitSumModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             for logger in self.loggers:
                 logger.log_metrics(scalars, step=self.global_step)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-        self._end_per_class_epoch("val")
 
     def on_test_epoch_start(self) -> None:
         # The held-out pairs belong to the data: the datamodule that builds the test batches (from the
@@ -259,9 +185,12 @@ class DigitSumModule(pl.LightningModule):
             self.calibration_results[f"{stage}/{name.removesuffix('_ece')}_reliability"] = bins
             metric.reset()
 
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-        self._end_per_class_epoch("test")
+    def _end_epoch(self, stage: str) -> None:
+        self._log_epoch(stage)
+        if stage in PER_CLASS_STAGES:
+            self._end_per_class_epoch(stage)
+        if stage != "test":
+            return
         if self.heldout_table is not None:
             self._log_synced(self.heldout_results())
             self.heldout_pair_metrics.reset()
@@ -281,22 +210,12 @@ class DigitSumModule(pl.LightningModule):
                 if isinstance(weights, dict) and f"net.{name}" in weights:
                     weights[f"net.{name}"] = torch.ones_like(weights[f"net.{name}"])
 
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(self)
+    def test_result_lists(self) -> dict[str, Any]:
+        # Lists of 10 and 19 per-class accuracies: in metrics.json, not in the hparams tab (scalars only).
+        return {k: v for k, v in self.per_class_results.items() if k.startswith("test/")}
 
+    def temperatures(self) -> tuple[float, float]:
+        return self.net.temperatures()
 
-def configure_optimizers(module: pl.LightningModule) -> Any:
-    """The optimizer and schedule of `module`'s `optimizer_factory`, `scheduler_factory` and
-    `scheduler_interval`: fused (one kernel per update, its step count on the device) where the device
-    has it; a schedule that spans the run (OneCycleLR) gets its length from the Trainer."""
-    optimizer = make_optimizer(module.optimizer_factory, module.parameters(), module.device)
-    if module.scheduler_factory is None:
-        return optimizer
-    kwargs = {}
-    if "total_steps" in inspect.signature(module.scheduler_factory).parameters:
-        kwargs["total_steps"] = module.trainer.estimated_stepping_batches
-    scheduler = module.scheduler_factory(optimizer=optimizer, **kwargs)
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": scheduler, "interval": module.scheduler_interval},
-    }
+    def set_temperatures(self, digit: float, sum_: float) -> None:
+        self.net.set_temperatures(digit, sum_)

@@ -18,6 +18,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from mnist_adder.checkpoint_file import read_checkpoint
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config, check_resume
+from mnist_adder.errors import UserError
 from mnist_adder.postfit.fit import detector_fit, fit_post_training
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, format_not_digit
 from mnist_adder.postfit.store import store_post_training
@@ -31,9 +32,9 @@ from mnist_adder.training.callbacks import (
     selected_checkpoint,
 )
 from mnist_adder.training.config_tree import print_config_tree
-from mnist_adder.training.module import DigitSumModule
 from mnist_adder.training.run_dir import claim_run_folder
 from mnist_adder.training.scaleout import check_process_launch, lost_peers_stop_clearly
+from mnist_adder.training.task import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def _fit(
-    trainer: pl.Trainer, module: DigitSumModule, datamodule: pl.LightningDataModule, ckpt_path: str | None
+    trainer: pl.Trainer, module: TaskModule, datamodule: pl.LightningDataModule, ckpt_path: str | None
 ) -> float | None:
     """`trainer.fit`; return its seconds (None without a Timer). SIGTERM ends the process as killed by it."""
     try:
@@ -97,31 +98,31 @@ def _fit(
     return round(timer.time_elapsed("train"), 3) if timer is not None else None
 
 
-def _test(trainer: pl.Trainer, module: DigitSumModule, datamodule: Any, ckpt_path: str | None = None) -> dict:
+def _test(trainer: pl.Trainer, module: TaskModule, datamodule: Any, ckpt_path: str | None = None) -> dict:
     with lost_peers_stop_clearly(trainer, "testing"):
         return trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
 
 
 def _uncalibrated_test(
-    trainer: pl.Trainer, module: DigitSumModule, datamodule: pl.LightningDataModule
+    trainer: pl.Trainer, module: TaskModule, datamodule: pl.LightningDataModule
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The test metrics and reliability bins of the weights in `module` at temperature 1, for
     metrics.json's `*_uncalibrated` keys and calibration.json; the fitted temperatures are set back after.
     The loggers get only the test of the model handed over, so this one is kept from them."""
-    temperatures = module.net.temperatures()
-    module.net.set_temperatures(1.0, 1.0)
+    temperatures = module.temperatures()
+    module.set_temperatures(1.0, 1.0)
     loggers, trainer.loggers = trainer.loggers, []
     try:
         return _test(trainer, module, datamodule), dict(module.calibration_results)
     finally:
         trainer.loggers = loggers
-        module.net.set_temperatures(*temperatures)
+        module.set_temperatures(*temperatures)
 
 
 def _results(
     cfg: DictConfig,
     trainer: pl.Trainer,
-    module: DigitSumModule,
+    module: TaskModule,
     checkpoint: ModelCheckpoint | None,
     tested: dict[str, float],
     uncalibrated: dict[str, float] | None,
@@ -131,8 +132,8 @@ def _results(
 ) -> dict[str, Any]:
     """metrics.json: the test of the checkpoint handed over, and what the run was."""
     results: dict[str, Any] = {name: float(value) for name, value in tested.items()}
-    if hasattr(module.net, "temperatures"):  # MNIST addition's net (data=mnist_addition) has none
-        digit_temperature, sum_temperature = module.net.temperatures()
+    if module.has_temperatures:
+        digit_temperature, sum_temperature = module.temperatures()
         results |= {"digit_temperature": digit_temperature, "sum_temperature": sum_temperature}
     if uncalibrated is not None:
         results |= {
@@ -158,13 +159,12 @@ def _results(
         "seed": cfg.seed,
         "resumed_from": cfg.get("ckpt_path"),
     }
-    # Lists of 10 and 19 per-class accuracies: in metrics.json, not in the hparams tab (scalars only).
-    return results | {k: v for k, v in module.per_class_results.items() if k.startswith("test/")}
+    return results | module.test_result_lists()
 
 
 def _report(
     trainer: pl.Trainer,
-    module: DigitSumModule,
+    module: TaskModule,
     results: dict[str, Any],
     calibration: dict[str, Any] | None,
     not_digit: dict[str, Any] | None,
@@ -184,6 +184,19 @@ def _report(
     log.info("Run folder: %s", output_dir)
 
 
+def _check_post_training(module: TaskModule, calibrate: bool, accept: float | None) -> None:
+    """Refuse, before the fit rather than after it, a post-training fit that the task's net has no place
+    for (MNIST addition's has neither temperatures nor a detector)."""
+    task = type(module).__name__
+    if calibrate and not module.has_temperatures:
+        raise UserError(f"calibrate=true: {task} has no temperatures to fit; set calibrate=false")
+    if accept is not None and not module.has_not_digit_detector:
+        raise UserError(
+            f"not_digit_accept={accept}: {task} has no 'not a digit' detector to fit; "
+            "set not_digit_accept=null"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as `cfg` says; return the results also written to `<output_dir>/metrics.json`."""
     check_config(cfg)  # every bad config value stops the run here, before anything is built
@@ -198,6 +211,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build(cfg.model, "model")
     # The resolved config travels in every checkpoint, so a checkpoint alone can rebuild its model.
     module.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
+    calibrate, accept = cfg.get("calibrate", True), cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    _check_post_training(module, calibrate, accept)
     detector = detector_fit(cfg)  # built now: a refused value stops the run before the fit, not after
     trainer = _build_trainer(cfg)
     fit_seconds = _fit(trainer, module, datamodule, cfg.get("ckpt_path"))
@@ -208,10 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if best_path:  # fast_dev_run writes no checkpoint: the weights in memory are fitted and tested then
         module.load_state_dict(read_checkpoint(best_path)["state_dict"])
     # Post-fit on the whole splits (a datamodule not attached to the trainer), then the test at T = 1.
-    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
-    fitted = fit_post_training(
-        module.net, build(cfg.data, "data"), cfg.get("calibrate", True), accept, detector
-    )
+    fitted = fit_post_training(module.net, build(cfg.data, "data"), calibrate, accept, detector)
     uncalibrated, bins_uncalibrated = (
         _uncalibrated_test(trainer, module, datamodule) if "calibration" in fitted else (None, None)
     )
