@@ -5,13 +5,17 @@ sums alone."""
 import inspect
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
+from unittest.mock import PropertyMock, patch
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_bad_input import assert_one_clear_line, run_cli
 
-from mnist_adder.config_checks import check_config
+from mnist_adder.config_checks import check_config, setting_for_digits
 from mnist_adder.data.mnist_addition import MnistAdditionDataModule
 from mnist_adder.digit_numbers import add_digits
 from mnist_adder.errors import UserError
@@ -31,6 +35,8 @@ from mnist_adder.training.task import TaskModule
 from mnist_adder.training.train import train
 
 from conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sum_as_digits(values: torch.Tensor, digits: int) -> torch.Tensor:
@@ -298,6 +304,30 @@ def test_no_digit_label_reaches_the_loss(tiny_mnist):
         NumberAdditionModule(NumberSumNet(LeNet()), optimizer=torch.optim.SGD, digit_weight=1.0)
 
 
+@pytest.mark.parametrize("done", [0.0, 0.25, 1.0])
+def test_the_entropy_term_is_subtracted_from_the_exact_loss_and_fades_to_nothing(tiny_mnist, done):
+    dm = make_addition_dm(tiny_mnist, digits=2)
+    images, sums = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    module = NumberAdditionModule(NumberSumNet(LeNet()), optimizer=torch.optim.SGD, entropy_weight=0.3)
+    trainer = SimpleNamespace(estimated_stepping_batches=100)  # the two things the step reads of it
+    with (
+        patch.object(NumberAdditionModule, "trainer", new_callable=PropertyMock, return_value=trainer),
+        patch.object(
+            NumberAdditionModule, "global_step", new_callable=PropertyMock, return_value=int(100 * done)
+        ),
+        patch.object(NumberAdditionModule, "log"),
+    ):
+        loss = module._step((images, sums), "train")[0]
+    digit_logits = module(images)
+    exact = -module.net.sum_log_prob(digit_logits, sums).mean()
+    probs = digit_logits.softmax(dim=-1)
+    entropy = -(probs * probs.log()).sum(dim=-1).sum(dim=1).mean()  # of an example's 2N digits
+    assert torch.allclose(loss, exact - 0.3 * (1 - done) * entropy, atol=1e-5)
+    with pytest.raises(ValueError, match="entropy_weight must be >= 0"):
+        NumberAdditionModule(NumberSumNet(LeNet()), optimizer=torch.optim.SGD, entropy_weight=-1.0)
+
+
 def test_validation_and_test_are_the_same_for_every_run_and_training_is_the_seeds(tiny_mnist):
     first, second = make_addition_dm(tiny_mnist, seed=1), make_addition_dm(tiny_mnist, seed=2)
     for split in ("val", "test"):
@@ -309,6 +339,69 @@ def test_validation_and_test_are_the_same_for_every_run_and_training_is_the_seed
     assert torch.equal(first.examples("train")[0], again.examples("train")[0])
 
 
+def test_examples_per_step_sets_the_training_batch_whatever_the_images_per_batch(tiny_mnist):
+    dm = MnistAdditionDataModule(
+        data_dir=tiny_mnist, digits=2, batch_size=40, examples_per_step=7, val_size=60, download=False
+    )
+    dm.setup("fit")
+    images, sums = next(iter(dm.train_dataloader()))
+    assert images.shape[:2] == (7, 4) and sums.shape == (7, 3)
+    assert len(dm.train_dataloader()) == 85 // 7
+    assert make_addition_dm(tiny_mnist, digits=2).batch_size == 40 // 4  # without it: images // 2N
+
+
+# ---- the per-N schedule --------------------------------------------------------------------------
+
+
+def schedule_rows() -> dict[int, dict]:
+    config = OmegaConf.load(ROOT / "conf" / "data" / "mnist_addition.yaml")
+    return {int(n): dict(row) for n, row in config.addition_schedule.items()}
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3, 4, 9, 15, 99, 100, 1000])
+def test_each_n_trains_with_its_schedule_row_or_the_row_of_the_largest_n_below_it(make_cfg, digits):
+    rows = schedule_rows()
+    row = rows[max(n for n in rows if n <= digits)]
+    cfg = make_cfg(["data=mnist_addition", f"data.digits={digits}"])
+    assert cfg.data.examples_per_step == row["examples_per_step"]
+    assert cfg.model.optimizer.lr == row["lr"] and cfg.model.scheduler.max_lr == row["lr"]
+    assert cfg.model.scheduler.pct_start == row["warmup"] and cfg.trainer.max_epochs == row["epochs"]
+    assert cfg.model.entropy_weight == row["entropy"]
+    assert setting_for_digits(rows, digits, "lr") == row["lr"]
+
+
+def test_the_command_line_wins_over_the_schedule(make_cfg):
+    cfg = make_cfg(
+        [
+            "data=mnist_addition",
+            "data.digits=4",
+            "data.examples_per_step=3",
+            "model.optimizer.lr=0.0005",
+            "model.scheduler.pct_start=0.1",
+            "trainer.max_epochs=2",
+        ]
+    )
+    assert (cfg.data.examples_per_step, cfg.model.optimizer.lr, cfg.model.scheduler.max_lr) == (
+        3,
+        0.0005,
+        0.0005,
+    )
+    assert (cfg.model.scheduler.pct_start, cfg.trainer.max_epochs) == (0.1, 2)
+
+
+def test_an_n_below_every_row_or_no_number_takes_the_smallest_row():
+    rows = {2: {"lr": 0.1}, 5: {"lr": 0.2}}
+    assert [setting_for_digits(rows, n, "lr") for n in (1, 2, 4, 5, 7, "x", 2.5)] == [
+        0.1,
+        0.1,
+        0.1,
+        0.2,
+        0.2,
+        0.1,
+        0.1,
+    ]
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 
@@ -317,6 +410,13 @@ def test_a_bad_number_of_digits_is_one_line(make_cfg, value):
     with pytest.raises(UserError) as err:
         check_config(make_cfg(["data=mnist_addition", f"data.digits={value}"]))
     assert str(err.value).startswith("data.digits=") and "at least 1" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
+def test_a_bad_examples_per_step_is_one_line(make_cfg, value):
+    with pytest.raises(UserError) as err:
+        check_config(make_cfg(["data=mnist_addition", f"data.examples_per_step={value}"]))
+    assert str(err.value).startswith("data.examples_per_step=") and "at least 1" in str(err.value)
 
 
 def test_a_bad_number_of_digits_on_the_command_line(tmp_path):

@@ -18,3 +18,13 @@ OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
 # conf/hydra/default.yaml: ranks > 0 of torchrun or srun log to train_rank<R>.log and write no .hydra/.
 OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
 OmegaConf.register_new_resolver("on_rank_zero", on_rank_zero, replace=True)
+
+
+def _setting_for_digits(schedule: object, digits: object, key: str) -> object:
+    from mnist_adder.config_checks import setting_for_digits
+
+    return setting_for_digits(schedule, digits, key)
+
+
+# conf/data/mnist_addition.yaml: MNIST addition's per-N schedule (examples per step, lr, warm-up, epochs).
+OmegaConf.register_new_resolver("for_digits", _setting_for_digits, replace=True)

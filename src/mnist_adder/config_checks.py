@@ -149,6 +149,16 @@ def addition_digits_problem(digits: Any, n_images: int | None = None, images: st
     return None
 
 
+def setting_for_digits(schedule: Any, digits: Any, key: str) -> Any:
+    """`key` of MNIST addition's per-N schedule (conf/data/mnist_addition.yaml, `addition_schedule`) for N =
+    `digits`: the row of N itself, else of the largest listed N below it (the smallest listed N for an N
+    below every row). An N that is no whole number >= 1 gets the smallest row, so that the config still
+    resolves and `data.digits` is refused by `config_problems` in one line, not by a traceback here."""
+    rows = {int(n): row for n, row in dict(schedule).items()}
+    below = [n for n in rows if _is_int(digits) and n <= digits]
+    return rows[max(below) if below else min(rows)][key]
+
+
 def check_addition_digits(digits: Any, n_images: int | None = None, images: str = "") -> None:
     """Raise a UserError unless `data.digits` is a whole number >= 1 leaving at least one example in a
     split of `n_images` images (when given)."""
@@ -242,6 +252,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
         value = get(key)
         if value is not _MISSING and not (_is_int(value) and value >= 1):
             problems.append(_bad(key, value, "a batch size must be a whole number of at least 1"))
+    examples_per_step = get("data.examples_per_step")
+    if examples_per_step not in (_MISSING, None) and not (
+        _is_int(examples_per_step) and examples_per_step >= 1
+    ):
+        problems.append(_bad("data.examples_per_step", examples_per_step, "a whole number of at least 1"))
     weights = {key: get(key) for key in ("model.digit_weight", "model.sum_weight")}
     for key, value in weights.items():
         if value is not _MISSING and not (_is_number(value) and value >= 0):

@@ -104,15 +104,19 @@ class AdditionEvalBatches(StridedBatches):
 class MnistAdditionDataModule(TaskDataModule):
     """MNIST addition of two `digits`-digit numbers (see the module's docstring for the protocol).
 
-    The other keys are `TaskDataModule`'s. `batch_size` and `eval_batch_size` count images: a batch
-    holds max(1, batch_size // (2 * digits)) examples, so that a step costs about the same at every N.
+    The other keys are `TaskDataModule`'s. `examples_per_step`: the examples (of 2N images) in a training
+    batch; None: max(1, batch_size // (2 * digits)), so that a step costs about the same at every N.
+    `eval_batch_size` counts images.
     """
 
-    def __init__(self, *, digits: int = 1, **shared: Any) -> None:
+    def __init__(self, *, digits: int = 1, examples_per_step: int | None = None, **shared: Any) -> None:
         check_addition_digits(digits)
         super().__init__(**shared)
         self.digits = digits
-        self.batch_size = max(1, self.batch_size // (2 * digits))
+        if examples_per_step is not None:
+            self.batch_size = examples_per_step
+        else:
+            self.batch_size = max(1, self.batch_size // (2 * digits))
         self.eval_batch_size = max(1, self.eval_batch_size // (2 * digits))
         # split -> (images [E, 2N, 1, 28, 28], digit labels [E, 2N], sum digits [E, N + 1])
         self._examples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -31,6 +31,14 @@ class NumberAdditionModule(TaskModule):
     NLL, and `digit_weight` must be 0 (the protocol gives the loss no digit label). `label_smoothing`
     must be 0: there is no fixed set of sum classes to smooth over. Its net has no temperatures and no
     "not a digit" detector: nothing is fitted after training.
+
+    `entropy_weight` (beta): the training loss also subtracts beta * (1 - t) times the summed entropy of
+    the example's 2N digit distributions, t the share of training done (so the term is gone at the end).
+    It adds no label. Why: a digit read confidently wrong has a softmax probability near 0 for the true
+    digit, and the gradient that would move mass there is proportional to that probability; a backbone
+    that became sure of wrong digits early (the conv backbone reads each digit as a neighbour at some
+    seeds) never leaves. Keeping the distributions spread while the digits are being learned keeps that
+    gradient alive. 0: the exact -log P(true sum) alone.
     """
 
     def __init__(
@@ -38,9 +46,13 @@ class NumberAdditionModule(TaskModule):
         net: NumberSumNet,
         optimizer: Callable[..., torch.optim.Optimizer],
         digit_weight: float = 0.0,
+        entropy_weight: float = 0.0,
         **recipe: Any,
     ) -> None:
         super().__init__(net, optimizer, digit_weight=digit_weight, **recipe)
+        if not entropy_weight >= 0:
+            raise ValueError(f"entropy_weight must be >= 0, not {entropy_weight}")
+        self.entropy_weight = entropy_weight
         if digit_weight != 0:
             raise ValueError(
                 f"digit_weight must be 0 in MNIST addition, not {digit_weight}: only the sum is a label"
@@ -81,8 +93,15 @@ class NumberAdditionModule(TaskModule):
                 decoded, widest = map_sums(self.net.pair_sum_log_probs(digit_logits))
                 metrics["sum_acc_map"].update((decoded == sums).all(dim=1).float())
                 self.map_prefixes_max = max(self.map_prefixes_max, widest)
-        if stage == "train":
-            self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
+        if stage != "train":
+            return self.sum_weight * loss, None
+        self.log("train/step_loss", loss.detach(), on_step=True, on_epoch=False)
+        if self.entropy_weight > 0:
+            log_probs = digit_logits.float().log_softmax(dim=-1)
+            entropy = -(log_probs.exp() * log_probs).sum(dim=-1).sum(dim=1).mean()  # per example
+            done = self.global_step / max(1, self.trainer.estimated_stepping_batches)
+            self.log("train/digit_entropy", entropy.detach() / images.shape[1], on_step=True, on_epoch=False)
+            return self.sum_weight * loss - self.entropy_weight * max(0.0, 1.0 - done) * entropy, None
         return self.sum_weight * loss, None
 
     def _end_epoch(self, stage: str) -> None:
