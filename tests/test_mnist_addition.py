@@ -517,3 +517,40 @@ def test_the_addition_preset_leaves_the_other_runs_as_they_were(make_cfg):
     assert addition.callbacks.model_checkpoint.monitor == "val/sum_acc" and addition.calibrate is False
     assert addition.model.net.backbone == {"_target_": "mnist_adder.models.LeNet"}
     assert np.isclose(addition.model.digit_weight, 0.0)
+
+
+# ---- the papers' protocol (experiment=addition_protocol) -----------------------------------------
+
+
+def test_without_a_validation_split_every_training_image_trains(tiny_mnist):
+    dm = MnistAdditionDataModule(data_dir=tiny_mnist, digits=2, batch_size=40, val_size=0, download=False)
+    dm.setup("fit")
+    assert dm.num_examples("train") == 100  # all 400 training images, 4 to an example
+    assert list(dm.val_dataloader()) == []
+
+
+def test_the_protocol_run_hands_over_its_last_epoch_and_selects_nothing(make_cfg, tiny_mnist, tmp_path):
+    overrides = ["experiment=addition_protocol", "data.digits=2", f"paths.data_dir={tiny_mnist}"]
+    overrides += ["data.examples_per_step=10", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+    overrides += ["model/backbone=lenet", "logger=csv"]
+    train(make_cfg(overrides))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert Path(saved["ckpt_path"]).name == "epoch_001.ckpt"  # the second and last epoch's
+    assert not [key for key in saved if key.startswith("best_val")]  # nothing was selected
+    assert saved["test/sum_acc"] is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data=mnist_addition", "data.val_size=0"],
+            "run python scripts/train.py experiment=addition_protocol",
+        ),
+        (["data.val_size=0"], "data.val_size=0 .*at least 1"),
+        (["experiment=addition_protocol", "data.val_size=-1"], "at least 0"),
+    ],
+)
+def test_no_validation_split_without_the_protocol_preset_is_one_line(make_cfg, overrides, message):
+    with pytest.raises(UserError, match=message):
+        check_config(make_cfg(overrides))

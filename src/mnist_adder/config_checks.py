@@ -119,17 +119,18 @@ def accelerator_problem(accelerator: Any, by_group: bool) -> str | None:
     )
 
 
-def val_size_problem(val_size: Any, n_train: int | None = None) -> str | None:
-    """Why `data.val_size` is wrong (None if it is fine); `n_train` is the training set's size if known."""
+def val_size_problem(val_size: Any, n_train: int | None = None, minimum: int = 1) -> str | None:
+    """Why `data.val_size` is wrong (None if it is fine); `n_train` is the training set's size if known.
+    `minimum`: 0 where a task can train without a validation split (MNIST addition's protocol runs)."""
     upper = f" and less than {n_train}, the number of training images" if n_train is not None else ""
-    if not _is_int(val_size) or val_size < 1 or (n_train is not None and val_size >= n_train):
-        return _bad("data.val_size", val_size, f"it must be a whole number of at least 1{upper}")
+    if not _is_int(val_size) or val_size < minimum or (n_train is not None and val_size >= n_train):
+        return _bad("data.val_size", val_size, f"it must be a whole number of at least {minimum}{upper}")
     return None
 
 
-def check_val_size(val_size: Any, n_train: int) -> None:
-    """Raise a UserError unless 1 <= val_size < n_train."""
-    problem = val_size_problem(val_size, n_train)
+def check_val_size(val_size: Any, n_train: int, minimum: int = 1) -> None:
+    """Raise a UserError unless minimum <= val_size < n_train."""
+    problem = val_size_problem(val_size, n_train, minimum)
     if problem is not None:
         raise UserError(f"{problem}.")
 
@@ -282,14 +283,21 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if metric is not _MISSING and (problem := optimized_metric_problem(metric)) is not None:
         problems.append(problem)
     val_size = get("data.val_size")
-    if val_size is not _MISSING and (problem := val_size_problem(val_size)) is not None:
+    addition_data = str(get("data._target_")).endswith(".MnistAdditionDataModule")
+    val_size_minimum = 0 if addition_data else 1  # MNIST addition's protocol runs keep no validation
+    if val_size is not _MISSING and (problem := val_size_problem(val_size, minimum=val_size_minimum)):
         problems.append(problem)
+    if val_size == 0 and get("callbacks.model_checkpoint.monitor") not in (None, _MISSING):
+        problems.append(
+            "data.val_size=0 leaves nothing to validate on, so no checkpoint can be selected: "
+            "experiment=addition_protocol trains on every training image and hands over the last epoch's "
+            "weights; run python scripts/train.py experiment=addition_protocol data.digits=N"
+        )
     heldout_pairs = get("data.heldout_pairs")
     if heldout_pairs is not _MISSING and (problem := heldout_pairs_problem(heldout_pairs)) is not None:
         problems.append(problem)
     # model=addition reads examples of 2N images, which only data=mnist_addition makes (it sets the model).
     addition_model = str(get("model._target_")).endswith(".NumberAdditionModule")
-    addition_data = str(get("data._target_")).endswith(".MnistAdditionDataModule")
     if get("data._target_") is not _MISSING and addition_model != addition_data:
         problems.append(
             "model=addition goes with data=mnist_addition only (which chooses it): "

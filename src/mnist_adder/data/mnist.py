@@ -106,10 +106,13 @@ def check_raw_files(data_dir: str | Path, train: bool) -> None:
         )
 
 
-def validation_split(count: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def validation_split(
+    count: int, val_size: int, split_seed: int, minimum: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices) of the `count` MNIST training images: the one split every
-    data module of the project holds out, fixed by `split_seed`."""
-    check_val_size(val_size, count)
+    data module of the project holds out, fixed by `split_seed`. `minimum`: the smallest `val_size`
+    the caller can work with (0: every image may train)."""
+    check_val_size(val_size, count, minimum)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(split_seed))
     return order[val_size:], order[:val_size]
 

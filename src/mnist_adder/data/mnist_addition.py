@@ -5,8 +5,9 @@ The protocol as the field runs it: the training images are shuffled once (seeded
 of 2N images, the first N the digits of the first number (most significant first), the next N those
 of the second; the label is the sum, and nothing else reaches the loss. The project's validation split
 (`val_size` images carved by `split_seed`, as in `MnistSumDataModule`) is cut the same way, once, by
-`pair_seed + 1`; the test set is cut once from the 10,000 test images by `pair_seed`. Validation and test
-are the same for every run; the training examples are the run's `seed`'s.
+`pair_seed + 1` (`val_size=0`: none, and all 60,000 images train, the papers' counts); the test set is
+cut once from the 10,000 test images by `pair_seed`. Validation and test are the same for every run;
+the training examples are the run's `seed`'s.
 
 Batches are tensors cut from tensors held in memory (on the accelerator when there is one), as in
 `data.batches`: training batches are (images [B, 2N, 1, 28, 28], sum digits [B, N + 1]) with no digit
@@ -127,9 +128,11 @@ class MnistAdditionDataModule(TaskDataModule):
             # An N that leaves no test example is told now, not after the training.
             check_addition_digits(self.digits, len(load_mnist(self.data_dir, train=False)[1]), "test images")
             images, labels = load_mnist(self.data_dir, train=True)
-            train_idx, val_idx = validation_split(len(labels), self.val_size, self.split_seed)
+            # val_size=0 (experiment=addition_protocol): every training image trains, as in the papers.
+            train_idx, val_idx = validation_split(len(labels), self.val_size, self.split_seed, minimum=0)
             images = normalize(images).unsqueeze(1)
-            for split, idx, seed in (("train", train_idx, self.seed), ("val", val_idx, self.pair_seed + 1)):
+            splits = [("train", train_idx, self.seed), ("val", val_idx, self.pair_seed + 1)]
+            for split, idx, seed in splits[: 2 if self.val_size else 1]:
                 check_addition_digits(self.digits, len(idx), f"{split} images")
                 split_images, split_labels = images[idx].to(device), labels[idx].to(device)
                 self._examples[split] = cut_examples(split_images, split_labels, self.digits, seed)
@@ -161,7 +164,9 @@ class MnistAdditionDataModule(TaskDataModule):
             world_size=world_size,
         )
 
-    def _eval_batches(self, split: str) -> AdditionEvalBatches:
+    def _eval_batches(self, split: str) -> AdditionEvalBatches | list[EvalBatch]:
+        if split == "val" and not self.val_size:
+            return []  # experiment=addition_protocol: no validation split
         images, labels, sums = self._examples[split]
         rank, world_size = self._rank_and_world()
         return AdditionEvalBatches((images, sums, labels), self.eval_batch_size, rank, world_size)

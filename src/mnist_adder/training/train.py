@@ -143,15 +143,16 @@ def _results(
         }
     not_digit = fitted.get("not_digit")
     best_score = checkpoint.best_model_score if checkpoint is not None else None
-    # Named after what selected it: best_val/both_acc by default, best_val/sum_acc in MNIST addition.
-    best_key = (
-        f"best_{checkpoint.monitor}" if checkpoint is not None and checkpoint.monitor else "best_val/both_acc"
-    )
+    # Named after what selected it: best_val/both_acc by default, best_val/sum_acc in MNIST addition;
+    # experiment=addition_protocol selects nothing (monitor null: the last epoch is handed over).
+    best_key: str | None = "best_val/both_acc"  # None then: fast_dev_run writes no checkpoint
+    if checkpoint is not None:
+        best_key = f"best_{checkpoint.monitor}" if checkpoint.monitor else None
     results |= {
         "ckpt_path": ckpt_path or None,
         # Above it, an image is refused as not a digit (None: no detector, not_digit_accept=null).
         "not_digit_threshold": not_digit["threshold"] if not_digit else None,
-        best_key: float(best_score) if best_score is not None else None,
+        **({best_key: float(best_score) if best_score is not None else None} if best_key else {}),
         "fit_seconds": fit_seconds,
         "num_parameters": sum(p.numel() for p in module.net.parameters()),
         "precision": str(trainer.precision),  # as run: trainer=auto decides it on the machine
