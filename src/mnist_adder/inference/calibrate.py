@@ -31,7 +31,8 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     """Fit the temperatures of `cfg.ckpt_path` on validation (and the not-a-digit detector), write the
     calibrated checkpoint, and return (and write to `<output_dir>/calibration.json`) the temperatures and
     the NLL and ECE before and after, and what the detector was fitted on."""
-    ckpt_path, module, run_config = load_given_checkpoint(cfg, "calibrate")
+    # Temperatures and the "not a digit" detector: the (image, number) task's net has them.
+    ckpt_path, module, run_config = load_given_checkpoint(cfg, "calibrate", tasks=("digit_sum",))
     output_dir = Path(cfg.paths.output_dir)
     target = calibrated_path(ckpt_path)
     if not os.access(target.parent, os.W_OK):

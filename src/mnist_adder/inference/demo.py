@@ -202,7 +202,7 @@ def serve(cfg: DictConfig) -> None:
     if not isinstance(share, bool):
         raise UserError(f"share={share!r} is not allowed: true or false.")
     _gradio()  # a missing extra is reported before the model is loaded
-    module, _ = load_checkpoint(cfg.ckpt_path)
+    module, _ = load_checkpoint(cfg.ckpt_path, tasks=("digit_sum",), used_by="scripts/demo.py")
     app = build_app(module, cfg.get("reject_threshold"))
     try:
         app.launch(server_name=cfg.get("host", "127.0.0.1"), server_port=port, share=share)

@@ -6,9 +6,15 @@ inputs image float32 [N, 1, 28, 28] and number_onehot float32 [N, 10]; outputs d
 sum_logits [N, 19], then not_digit_score float64 [N] and not_digit bool [N] (score above the threshold
 stored in the checkpoint: not a handwritten digit; a checkpoint without a detector gives NaN and false);
 N is free.
+
+An MNIST-addition checkpoint (data=mnist_addition) exports its backbone, `ExportedBackbone`: input image
+float32 [N, 1, 28, 28], output digit_logits [N, 10]. The sum of two numbers is computed from the digits'
+softmax outside the network, as in `models/number_sum.py` (its docstring and docs/mnist_addition.md give
+the carry chain): the field's prediction is the sum of the most probable digits.
 """
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,8 +47,54 @@ class ExportedNet(nn.Module):
         return digit_logits, sum_logits, score, score > self.net.not_digit.threshold
 
 
+class ExportedBackbone(nn.Module):
+    """An MNIST-addition net's digit reader: image [N, 1, 28, 28] -> digit_logits [N, 10]."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.backbone(image)
+
+
+# What each task's checkpoint exports, by `TaskModule.task`.
+EXPORTED: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "digit_sum": ExportedNet,
+    "mnist_addition": lambda net: ExportedBackbone(net.backbone),
+}
+ADDITION_PROPS = {
+    "image_normalisation": f"(pixels / 255 - {MNIST_MEAN}) / {MNIST_STD}",
+    "inputs": "image float32 [N,1,28,28] (MNIST-like: light digit on black), one digit of a number each",
+    "outputs": "digit_logits [N,10] (digit 0..9)",
+    "sum": (
+        "MNIST addition: softmax each digit's logits; the field's prediction is the sum of the most "
+        "probable digits; the exact distribution of the sum is the carry chain of models/number_sum.py"
+    ),
+}
+
+
 def _example_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(batch, 1, 28, 28), torch.eye(NUM_DIGITS)[torch.arange(batch) % NUM_DIGITS]
+
+
+def _inputs_of(net: nn.Module) -> tuple[torch.Tensor, ...]:
+    return (torch.zeros(2, 1, 28, 28),) if isinstance(net, ExportedBackbone) else _example_inputs()
+
+
+def _digit_sum_props(net: nn.Module) -> dict[str, str]:
+    detector = net.net.not_digit if isinstance(net, ExportedNet) else None
+    threshold = float(detector.threshold) if detector is not None and detector.fitted else None
+    return {
+        "not_digit_threshold": "none (no detector)" if threshold is None else repr(threshold),
+        "image_normalisation": f"(pixels / 255 - {MNIST_MEAN}) / {MNIST_STD}",
+        "inputs": "image float32 [N,1,28,28] (MNIST-like: light digit on black); number_onehot [N,10]",
+        "outputs": (
+            "digit_logits [N,10] (digit 0..9); sum_logits [N,19] (digit + number, 0..18); "
+            "not_digit_score float64 [N] (higher: less like a handwritten digit; NaN: no detector); "
+            "not_digit bool [N] (score above the stored threshold)"
+        ),
+    }
 
 
 def export_onnx(net: torch.nn.Module, path: Path) -> Path:
@@ -53,38 +105,29 @@ def export_onnx(net: torch.nn.Module, path: Path) -> Path:
     except ImportError as err:
         raise UserError(f"{INSTALL_HINT} ({err}).") from err
     batch = torch.export.Dim("batch")
+    backbone_only = isinstance(net, ExportedBackbone)
+    input_names = INPUT_NAMES[:1] if backbone_only else INPUT_NAMES
+    # A bare DigitSumNet has the two heads only; ExportedNet adds "not a digit".
+    output_names = (
+        OUTPUT_NAMES[:1] if backbone_only else OUTPUT_NAMES[: 4 if isinstance(net, ExportedNet) else 2]
+    )
     with warnings.catch_warnings():
         # Both inputs share the one batch dimension, which the exporter remarks on; nothing is wrong.
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used.*")
         torch.onnx.export(
             net,
-            _example_inputs(),
+            _inputs_of(net),
             str(path),
-            input_names=list(INPUT_NAMES),
-            # A bare DigitSumNet has the two heads only; ExportedNet adds "not a digit".
-            output_names=list(OUTPUT_NAMES if isinstance(net, ExportedNet) else OUTPUT_NAMES[:2]),
-            dynamic_shapes={"image": {0: batch}, "number_onehot": {0: batch}},
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes={name: {0: batch} for name in input_names},
             dynamo=True,
             external_data=False,  # one self-contained file: the weights are 90 kB
             verbose=False,
         )
     model = onnx.load(str(path))
-    detector = net.net.not_digit if isinstance(net, ExportedNet) else None
-    threshold = float(detector.threshold) if detector is not None and detector.fitted else None
     # The input contract travels with the file: consumers must normalise exactly as training did.
-    onnx.helper.set_model_props(
-        model,
-        {
-            "not_digit_threshold": "none (no detector)" if threshold is None else repr(threshold),
-            "image_normalisation": f"(pixels / 255 - {MNIST_MEAN}) / {MNIST_STD}",
-            "inputs": "image float32 [N,1,28,28] (MNIST-like: light digit on black); number_onehot [N,10]",
-            "outputs": (
-                "digit_logits [N,10] (digit 0..9); sum_logits [N,19] (digit + number, 0..18); "
-                "not_digit_score float64 [N] (higher: less like a handwritten digit; NaN: no detector); "
-                "not_digit bool [N] (score above the stored threshold)"
-            ),
-        },
-    )
+    onnx.helper.set_model_props(model, ADDITION_PROPS if backbone_only else _digit_sum_props(net))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
@@ -97,7 +140,7 @@ def export_torchscript(net: torch.nn.Module, path: Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         # Whether the checkpoint has a not-a-digit detector is fixed per checkpoint: a constant in the trace.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(net, _example_inputs())
+        traced = torch.jit.trace(net, _inputs_of(net))
         torch.jit.save(traced, str(path))
     return path
 
@@ -126,7 +169,7 @@ def export(cfg: DictConfig) -> dict[str, Path]:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output_dir={folder} is a file, not a folder: name a folder to write into.")
     folder.mkdir(parents=True, exist_ok=True)
-    net = ExportedNet(module.net).eval()
+    net = EXPORTED[module.task](module.net).eval()
     export_onnx(net, paths["onnx"])
     export_torchscript(net, paths["torchscript"])
     for kind, path in paths.items():

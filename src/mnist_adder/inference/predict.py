@@ -1,5 +1,8 @@
 """Reading users' images with a trained model, behind scripts/predict.py.
 
+With an MNIST-addition checkpoint, `first=` and `second=` name two numbers' digit images instead
+(`inference/number_prediction.py`).
+
 Images are files, folders (the image files in them, by name; other files are skipped with a note) or
 lists of both; the number is one for all or one per image. Each image gives one line: text for people,
 or one JSON object for scripts. An image that cannot be read gives an error line in its place and the
@@ -23,6 +26,8 @@ from mnist_adder.config_checks import check_config, check_reject_threshold, reje
 from mnist_adder.data.preprocess import is_image_name, preprocess_image
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.inference.number_prediction import USAGE as ADDITION_USAGE
+from mnist_adder.inference.number_prediction import AdditionPrediction, add_numbers
 
 FORMATS = ("text", "json")
 USAGE = "python scripts/predict.py ckpt_path=<file.ckpt> image=<file or folder> number=<0..9>"
@@ -113,12 +118,13 @@ def _skipped_note(folder: str, skipped: list[Path]) -> str:
     )
 
 
-def image_paths(images: Any) -> list[str]:
-    """The image files named: files as given, folders expanded to their image files (by extension, not
-    hidden ones), by name. Other files in a folder are skipped with one note per folder on stderr."""
+def image_paths(images: Any, key: str = "image", usage: str = USAGE) -> list[str]:
+    """The image files named (by `key`): files as given, folders expanded to their image files (by
+    extension, not hidden ones), by name. Other files in a folder are skipped with one note per folder
+    on stderr."""
     entries = [str(entry) for entry in _as_list(images) if entry is not None and str(entry) != ""]
     if not entries:
-        raise UserError(f"no image given: {USAGE}")
+        raise UserError(f"no image given for {key}: {usage}")
     paths: list[str] = []
     for entry in entries:
         folder = Path(entry)
@@ -236,17 +242,52 @@ def predict_images(
     return [r for r in results if r is not None]
 
 
-def predict(cfg: DictConfig) -> list[Prediction | NotDigit | Failure]:
-    """Print one line per image (text or JSON); raise UserError at the end if any image failed."""
+def _predict_addition(cfg: DictConfig, output_format: str) -> AdditionPrediction:
+    """`first=... second=...`: add two numbers written as images with an MNIST-addition checkpoint."""
+    if cfg.get("image") is not None or cfg.get("number") is not None:
+        raise UserError(
+            "image=/number= and first=/second= were both given: image= and number= ask a checkpoint of "
+            "the (image, number) task, first= and second= one of MNIST addition; give one pair."
+        )
+    threshold = cfg.get("reject_threshold")
+    if threshold is not None and not reject_threshold_off(threshold):
+        raise UserError(
+            f"reject_threshold={threshold!r}: an MNIST-addition checkpoint has no not-a-digit detector; "
+            "leave reject_threshold=null."
+        )
+    first = image_paths(cfg.get("first"), "first", ADDITION_USAGE)
+    second = image_paths(cfg.get("second"), "second", ADDITION_USAGE)
+    module, _ = load_checkpoint(
+        cfg.ckpt_path,
+        tasks=("mnist_addition",),
+        used_by="scripts/predict.py first=... second=...",
+        hint="ask it with image=<file or folder> number=<0..9>",
+    )
+    result = add_numbers(module.net, first, second)
+    print(json.dumps(asdict(result)) if output_format == "json" else result.as_text(), flush=True)
+    return result
+
+
+def predict(cfg: DictConfig) -> list[Prediction | NotDigit | Failure] | AdditionPrediction:
+    """Print one line per image (text or JSON); raise UserError at the end if any image failed. With
+    `first=` and `second=` (an MNIST-addition checkpoint): the two numbers read and their sum."""
     output_format = cfg.get("format", "text")
     if output_format not in FORMATS:
         raise UserError(f"format={output_format!r} is not one of {', '.join(FORMATS)}.")
     check_config(cfg)
     if not cfg.get("ckpt_path"):
         raise UserError(f"no checkpoint given: {USAGE}. {HOW_TO_GET_ONE}")
+    if cfg.get("first") is not None or cfg.get("second") is not None:
+        return _predict_addition(cfg, output_format)
     paths = image_paths(cfg.get("image"))
     numbers = numbers_for(cfg.get("number"), len(paths))
-    module, _ = load_checkpoint(cfg.ckpt_path)
+    module, _ = load_checkpoint(
+        cfg.ckpt_path,
+        tasks=("digit_sum",),
+        used_by="scripts/predict.py image=... number=...",
+        hint="it adds two numbers written as images: give first=<images or folder> second=<images or "
+        "folder>, most significant digit first",
+    )
     results = predict_images(module, paths, numbers, threshold=cfg.get("reject_threshold"))
     if output_format == "text" and len(results) == 1 and isinstance(results[0], Failure):
         # One image named alone: its error is the one line, not also a count of failures.

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mnist_adder.adder_inputs import accepted_adder_inputs
+from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.models.not_digit import NotDigitDetector, detector_features
 
 AdderInput = Literal["logits", "softmax", "detached"]
@@ -100,6 +101,11 @@ class DigitSumNet(nn.Module):
         stays the one path of training, and the backbone is small)."""
         digit_logits, sum_logits = self(image, number_onehot)
         return digit_logits, sum_logits, self.not_digit_score(image)
+
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of the right shapes (blank images, numbers 0, 1, ...): for tracing and layer tables."""
+        return torch.zeros(batch, 1, 28, 28), torch.eye(NUM_DIGITS)[torch.arange(batch) % NUM_DIGITS]
 
     def shift_averaged_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Digit log-probabilities [B, 10] averaged over the image and its four one-pixel shifts. MNIST

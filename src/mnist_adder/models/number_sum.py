@@ -42,6 +42,11 @@ class NumberSumNet(nn.Module):
         self.backbone = backbone
         self.convolution = ShiftConvolution()
 
+    @staticmethod
+    def example_inputs(batch: int = 2) -> tuple[torch.Tensor]:
+        """Inputs of the right shape (blank images of two one-digit numbers): for layer tables."""
+        return (torch.zeros(batch, 2, 1, 28, 28),)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, count = images.shape[:2]
         return self.backbone(images.flatten(0, 1)).view(batch, count, NUM_DIGITS)

@@ -204,7 +204,7 @@ def predict_seconds(net: torch.nn.Module, images: torch.Tensor, batch_size: int)
 def shifts_cost(ckpt_path: str, cfg: DictConfig, device: torch.device, repeats: int) -> dict[str, float]:
     """Predicting the test set with the checkpoint's net, with its test-time shifts and without,
     alternately `repeats` times: the medians."""
-    module, _ = load_checkpoint(ckpt_path)
+    module, _ = load_checkpoint(ckpt_path, tasks=("digit_sum",), used_by="scripts/benchmark.py")
     net = module.net.to(device).eval()
     datamodule = build(cfg.data, "data", on_device=False)
     datamodule.setup("test")

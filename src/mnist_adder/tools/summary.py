@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.cli import build
 from mnist_adder.config_checks import check_config
 
@@ -67,7 +66,7 @@ def layer_table(net: nn.Module, batch: int = 2) -> list[Layer]:
     try:
         net.eval()
         with torch.no_grad():
-            net(torch.zeros(batch, 1, IMAGE_SIZE, IMAGE_SIZE), torch.eye(NUM_DIGITS)[:batch])
+            net(*net.example_inputs(batch))  # each task's net knows its inputs' shapes
     finally:
         for handle in handles:
             handle.remove()

@@ -6,7 +6,7 @@ none (data/mnist_addition.py), and the module refuses a digit_weight other than 
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +40,8 @@ class NumberAdditionModule(TaskModule):
     seeds) never leaves. Keeping the distributions spread while the digits are being learned keeps that
     gradient alive. 0: the exact -log P(true sum) alone.
     """
+
+    task: ClassVar[str] = "mnist_addition"
 
     def __init__(
         self,

@@ -70,6 +70,7 @@ class DigitSumModule(TaskModule):
     "not a digit" detector, fitted after training (`mnist_adder.postfit`).
     """
 
+    task: ClassVar[str] = "digit_sum"
     has_temperatures: ClassVar[bool] = True
     has_not_digit_detector: ClassVar[bool] = True
 

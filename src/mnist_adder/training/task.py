@@ -9,6 +9,9 @@ the step and epoch hooks, and the interface below. `train()` reads a task throug
 it never asks which task it holds.
 
 The interface:
+- `task`: which task it is, a key of `TASK_TITLES`. The tools that load a checkpoint (eval, predict,
+  export, calibrate, the demo, benchmark) read it to take the task's own path, or to refuse with one line
+  a checkpoint of a task they have no use for (`inference/checkpoint.py`).
 - `has_temperatures`: the net's digit and sum heads have temperatures, fitted after training
   (`postfit/temperature.py`, `calibrate`): then `temperatures`, `set_temperatures` and
   `calibration_results` (the test's reliability bins) are the task's.
@@ -36,6 +39,12 @@ from mnist_adder.training.step_speed import (
 
 STAGES = ("train", "val", "test")
 
+# Each task's key (`TaskModule.task`) and how messages name it.
+TASK_TITLES = {
+    "digit_sum": "the (image, number) -> (digit, sum) task",
+    "mnist_addition": "MNIST addition (two N-digit numbers as images)",
+}
+
 # A step's loss, and what validation hands to callbacks' on_validation_batch_end (None: nothing).
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor] | None]
 
@@ -57,6 +66,7 @@ class TaskModule(pl.LightningModule):
     epoch; the class attributes and methods of the interface (the module's docstring) say the rest.
     """
 
+    task: ClassVar[str] = ""
     has_temperatures: ClassVar[bool] = False
     has_not_digit_detector: ClassVar[bool] = False
 
