@@ -1,6 +1,7 @@
 """ "Not a digit": the score, its buffers in checkpoints, its fitting, the not-digit set, the measurement."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,15 @@ import torch
 from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.cli import build
 from mnist_adder.config_checks import config_problems
+from mnist_adder.data.mnist import load_mnist
 from mnist_adder.data.not_digits import (
+    DEFAULT_FONT,
     DIGIT_PHOTO_FORMS,
+    DIGIT_RENDERINGS,
     LETTERS,
     NOT_DIGIT_KINDS,
     digit_photo_set,
+    digit_rendering_set,
     not_digit_set,
 )
 from mnist_adder.errors import UserError
@@ -287,3 +292,71 @@ def test_a_bad_detector_value_stops_training_before_the_fit(tmp_path):
     with pytest.raises(UserError, match=r"detector .*epochs must be a whole number of at least 1"):
         pipeline.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained
+
+
+# ---- measured on families it was not fitted to (eval not_digits_unseen=true) ---------------------
+
+
+def test_digit_renderings_keep_their_labels_and_are_the_same_from_the_same_seed(real_data_dir):
+    images, labels = load_mnist(real_data_dir, train=False)
+    pixels = images[:20]
+    first, first_labels = digit_rendering_set(pixels, labels[:20], [DEFAULT_FONT], seed=3)
+    again, again_labels = digit_rendering_set(pixels, labels[:20], [DEFAULT_FONT], seed=3)
+    assert torch.equal(first.pixels, again.pixels) and torch.equal(first_labels, again_labels)
+    assert sorted(set(first.kinds)) == sorted(DIGIT_RENDERINGS) and len(first) == 20
+    for i, kind in enumerate(first.kinds):
+        # Re-drawn MNIST digits keep the digit's label; typed ones are the digits 0..9 in turn.
+        expected = i % 10 if kind == "typed" else int(labels[i])
+        assert int(first_labels[i]) == expected, (i, kind)
+
+
+def test_unseen_families_refits_without_each_family_and_puts_the_detector_back(real_data_dir):
+    from mnist_adder.evaluation.not_digit import format_unseen_families, unseen_families
+
+    fit = DetectorFit(
+        per_kind=20, letter_repeats=1, photos=60, threshold_photos=40, hidden_units=16, epochs=5
+    )
+    dm = make_dm(real_data_dir, val_size=160)
+    train_images, train_labels = dm.split_tensors("train")
+    train = (train_images[:1000], train_labels[:1000])
+    net = BACKBONES["conv"]().eval()
+    full = fit_not_digit_detector(net, train, dm.split_tensors("val"), accept=0.9, fit=fit)
+    before = {k: v.clone() for k, v in net.not_digit.state_dict().items()}
+    # Leaving a family out fits on fewer not-digits: the 20 shapes fewer here.
+    without = fit_not_digit_detector(net, train, dm.split_tensors("val"), 0.9, fit, leave_out=("shapes",))
+    count = lambda fitted: int(re.search(r"(\d+) synthetic not-digits", fitted["fitted_on"])[1])  # noqa: E731
+    assert count(full) - count(without) == 20, (full["fitted_on"], without["fitted_on"])
+    net.not_digit.load_state_dict(before)
+    report = unseen_families(
+        net, train, dm.split_tensors("val"), dm.split_tensors("test"), 0.9, fit, per_kind=20, digits=50
+    )
+    for name, value in net.not_digit.state_dict().items():
+        assert torch.equal(value, before[name]), name  # the checkpoint's detector, as it was
+    assert list(report["not_digits_left_out"]) == list(NOT_DIGIT_KINDS)
+    assert all(0 <= row["refused"] <= 1 for row in report["not_digits_left_out"].values())
+    assert list(report["digit_renderings"]) == list(DIGIT_RENDERINGS)
+    assert sum(row["images"] for row in report["digit_renderings"].values()) == 50
+    for row in [*report["digit_renderings"].values(), report["mnist_test_files"]]:
+        assert 0 <= row["accepted"] <= 1 and 0 <= row["accuracy_all"] <= 1
+    curve = report["selective"]["all renderings"]
+    assert curve[-1]["accepted"] == 1 and curve[-1]["accuracy"] == pytest.approx(
+        sum(r["accuracy_all"] * r["images"] for r in report["digit_renderings"].values()) / 50
+    )
+    assert "mean over families" in format_unseen_families(report)
+
+
+@pytest.mark.slow
+def test_eval_measures_the_detector_on_families_it_was_not_fitted_to(
+    calibrated_ckpt, real_data_dir, tmp_path
+):
+    from mnist_adder.evaluation.evaluate import evaluate
+
+    run = tmp_path / "eval"
+    overrides = [f"ckpt_path={calibrated_ckpt}", f"paths.data_dir={real_data_dir}", "not_digits_unseen=true"]
+    evaluate(compose_config(overrides, run, config_name="eval"))
+    report = json.loads((run / "not_digits_unseen.json").read_text())
+    assert sorted(report["not_digits_left_out"]) == sorted(NOT_DIGIT_KINDS)  # the file's keys are sorted
+    module, _ = load_checkpoint(calibrated_ckpt)
+    assert report["threshold"] == pytest.approx(float(module.net.not_digit.threshold))
+    # A model of 200 steps reads MNIST test files well and its detector accepts nearly all of them.
+    assert report["mnist_test_files"]["accuracy_all"] > 0.9 and report["mnist_test_files"]["accepted"] > 0.9

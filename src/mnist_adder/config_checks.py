@@ -325,7 +325,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if compile_mode is not _MISSING and compile_mode not in COMPILE_MODES:
         modes = ", ".join(str(mode) for mode in COMPILE_MODES[1:])
         problems.append(_bad("model.compile_mode", compile_mode, f"null (torch's default) or one of {modes}"))
-    for key in ("robustness", "calibrate", "not_digits"):
+    for key in ("robustness", "calibrate", "not_digits", "not_digits_unseen"):
         flag = get(key)
         if flag is not _MISSING and not isinstance(flag, bool):
             problems.append(_bad(key, flag, "it must be true or false"))

@@ -9,6 +9,9 @@ seed, the same on every run on the same machine:
   B, G, b, g, q, ...) are in the set like any other: a detector that accepts them is counted as wrong.
 - digits: MNIST test digits re-rendered as photos and scans: dark ink on white paper enlarged and off
   centre, on gray paper as JPEG, in coloured ink on noisy, slightly rotated and blurred paper as JPEG.
+- digits that do not look like MNIST's (`digit_rendering_set`): typed in a font, shrunk to 8..14 px and
+  enlarged again (a thumbnail or a low-resolution scan), with thicker or thinner strokes, and small and
+  off centre on a large page.
 
 Each is drawn as a page of its own size and polarity (dark ink on light paper or light on dark), then
 made MNIST-like by the one preprocessing of `predict` (`mnist_adder.data.preprocess`), so the model sees
@@ -37,6 +40,8 @@ from mnist_adder.errors import UserError
 
 NOT_DIGIT_KINDS = ("uniform_noise", "gaussian_noise", "scribbles", "shapes", "letters")
 DIGIT_PHOTO_FORMS = ("paper", "scan", "photo")
+# Digits drawn unlike MNIST's (`digit_rendering_set`): the detector must accept them, and none is fitted.
+DIGIT_RENDERINGS = ("typed", "low_resolution", "thick", "thin", "small_off_centre")
 LETTERS = string.ascii_uppercase + string.ascii_lowercase
 SHAPES = ("circle", "rectangle", "line", "triangle")
 # What PIL draws when the machine has no font files: its built-in scalable font (Pillow >= 10.1).
@@ -298,3 +303,70 @@ def digit_photo_set(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -
         form = DIGIT_PHOTO_FORMS[i % len(DIGIT_PHOTO_FORMS)]
         draws.append((form, lambda p=pixels, f=form, d=label: (photo_of_digit(p, f, rng), f"digit {d}")))
     return _collect(draws, [])
+
+
+def subset(images: ImageSet, keep: Sequence[bool]) -> ImageSet:
+    """The images of `images` where `keep` is true (the refusal counts and fonts kept as they are)."""
+    index = [i for i, kept in enumerate(keep) if kept]
+    return ImageSet(
+        images.pixels[index],
+        [images.kinds[i] for i in index],
+        [images.descriptions[i] for i in index],
+        dict(images.refused_by_preprocessing),
+        list(images.fonts),
+    )
+
+
+def typed_digit(rng: Rng, digit: int, fonts: Sequence[str]) -> tuple[Image.Image, str]:
+    """A digit typed in a random font of `fonts`, as `letter` draws a letter."""
+    page, description = letter(rng, str(digit), fonts)
+    return page, description.replace("letter", "digit", 1)
+
+
+def rendered_digit(pixels: np.ndarray, rendering: str, rng: Rng) -> Image.Image:
+    """An MNIST digit (uint8 [28, 28], light on black) drawn as `rendering` (not "typed"), dark on light."""
+    ink = Image.fromarray(pixels)
+    if rendering == "low_resolution":  # a thumbnail or a coarse scan: detail lost, then enlarged again
+        side = int(rng.integers(8, 15))
+        ink = ink.resize((side, side), Image.Resampling.BOX)
+        ink = ink.resize((28 * 3, 28 * 3), Image.Resampling.BILINEAR)
+    elif rendering in ("thick", "thin"):  # another pen: strokes grown or shrunk at 3x
+        ink = ink.resize((28 * 3, 28 * 3), Image.Resampling.BILINEAR)
+        size = int(rng.choice([5, 7])) if rendering == "thick" else 3
+        ink = ink.filter(ImageFilter.MaxFilter(size) if rendering == "thick" else ImageFilter.MinFilter(size))
+    elif rendering == "small_off_centre":  # a small digit somewhere on a large page
+        side = int(rng.integers(200, 400))
+        page = Image.new("L", (side, side), 255)
+        place = (int(rng.integers(0, side - 28)), int(rng.integers(0, side - 28)))
+        page.paste(ImageOps.invert(ink), place)
+        return page
+    else:
+        raise ValueError(f"unknown rendering {rendering!r}: one of {', '.join(DIGIT_RENDERINGS)}")
+    width, height = ink.width + int(rng.integers(10, 80)), ink.height + int(rng.integers(10, 80))
+    page = Image.new("L", (width, height), 255)
+    page.paste(
+        ImageOps.invert(ink),
+        (int(rng.integers(0, width - ink.width)), int(rng.integers(0, height - ink.height))),
+    )
+    return _as_saved(page, rng)
+
+
+def digit_rendering_set(
+    images: torch.Tensor, labels: torch.Tensor, fonts: Sequence[str], seed: int = 0
+) -> tuple[ImageSet, torch.Tensor]:
+    """Digits drawn unlike MNIST's, each rendering of `DIGIT_RENDERINGS` in turn: MNIST digits `images`
+    ([N, 28, 28] uint8) with their `labels` re-drawn, and digits typed in `fonts` (the labels of the
+    typed ones are their digits, 0..9 in turn); from `seed`. Returns the set and its labels."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    for i, (pixels, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
+        rendering = DIGIT_RENDERINGS[i % len(DIGIT_RENDERINGS)]
+        if rendering == "typed":
+            draws.append((rendering, lambda d=i % 10: typed_digit(rng, d, fonts)))
+        else:
+            draws.append(
+                (rendering, lambda p=pixels, r=rendering, d=label: (rendered_digit(p, r, rng), f"digit {d}"))
+            )
+    rendered = _collect(draws, list(fonts))
+    digits = torch.tensor([int(d.split(",")[0].removeprefix("digit ")) for d in rendered.descriptions])
+    return rendered, digits

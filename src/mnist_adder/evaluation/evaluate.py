@@ -18,7 +18,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mnist_adder.data.preprocess import is_image_name
 from mnist_adder.errors import UserError
-from mnist_adder.evaluation.not_digit import format_not_digits, measure
+from mnist_adder.evaluation.not_digit import (
+    format_not_digits,
+    format_unseen_families,
+    measure,
+    unseen_families,
+)
 from mnist_adder.evaluation.robustness import evaluate_robustness, format_robustness
 from mnist_adder.inference.checkpoint import evaluation_trainer, load_given_checkpoint, run_datamodule
 from mnist_adder.inference.predict import reject_threshold
@@ -108,10 +113,30 @@ def _not_digits(cfg: DictConfig, module: Any, datamodule: Any) -> None:
     log.info("Not a digit (see docs/not_a_digit.md):\n%s", format_not_digits(report))
 
 
+def _not_digits_unseen(cfg: DictConfig, module: Any, datamodule: Any) -> None:
+    """The detector on families it was not fitted to (`unseen_families`): a table in the log and
+    not_digits_unseen.json. A checkpoint without a detector gets one fitted here first (not saved)."""
+    accept = cfg.get("not_digit_accept", DEFAULT_ACCEPT)
+    datamodule.setup("fit")
+    net, fit = module.net, detector_fit(cfg)
+    train, val = datamodule.split_tensors("train"), datamodule.split_tensors("val")
+    if not net.not_digit.fitted:
+        log.info("The checkpoint has no not-a-digit detector: fitting one as scripts/calibrate.py does.")
+        fit_not_digit_detector(net, train, val, accept, fit)
+    report = unseen_families(
+        net, train, val, datamodule.split_tensors("test"), accept, fit, seed=cfg.get("not_digits_seed", 0)
+    )
+    report = {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), **report}
+    write_json_atomic(Path(cfg.paths.output_dir) / "not_digits_unseen.json", report)
+    log.info("Not a digit, on families it was not fitted to:\n%s", format_unseen_families(report))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `cfg.ckpt_path`; return the results also written to `<output_dir>/metrics.json`."""
     # Corruptions and "not a digit" are measured on the (image, number) task's test and detector.
-    only_digit_sum = [f"{key}=true" for key in ("robustness", "not_digits") if cfg.get(key)]
+    only_digit_sum = [
+        f"{key}=true" for key in ("robustness", "not_digits", "not_digits_unseen") if cfg.get(key)
+    ]
     tasks = ("digit_sum",) if only_digit_sum else None
     used_by = f"scripts/eval.py {' '.join(only_digit_sum)}"
     ckpt_path, module, run_config = load_given_checkpoint(cfg, "eval", tasks, used_by)
@@ -142,5 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             _robustness(cfg, trainer, module, datamodule, writer)
     if cfg.get("not_digits"):
         _not_digits(cfg, module, datamodule)
+    if cfg.get("not_digits_unseen"):
+        _not_digits_unseen(cfg, module, datamodule)
     log.info("Run folder: %s", output_dir)
     return results

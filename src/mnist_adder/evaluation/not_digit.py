@@ -6,6 +6,13 @@ baselines, each thresholded at the same share of the same validation digits: the
 probability (Hendrycks & Gimpel 2017), the energy score (Liu et al. 2020) and the Mahalanobis distance to
 the nearest class on the features of the last layer (Lee et al. 2018, class means and shared covariance
 from the training split). The fit itself is `mnist_adder.postfit.not_digit`.
+
+`unseen_families` measures the detector as it will be met: on families it was not fitted to. Each
+not-digit family (`NOT_DIGIT_KINDS`) in turn is left out of a refit of the detector and measured alone;
+digits drawn unlike MNIST's (`DIGIT_RENDERINGS`: typed in fonts the letters are never fitted in,
+low-resolution, thick and thin strokes, small and off centre), none of which any fit sees, are measured
+with the checkpoint's own detector: the share accepted, the accuracy among them all and among the
+accepted, and how many of the refused the net reads wrong (refusals should fall on those).
 """
 
 import logging
@@ -19,9 +26,13 @@ from torch import nn
 
 from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.data.not_digits import (
+    DEFAULT_FONT,
     DIGIT_PHOTO_FORMS,
+    DIGIT_RENDERINGS,
     NOT_DIGIT_KINDS,
     digit_photo_set,
+    digit_rendering_set,
+    font_files,
     font_name,
     not_digit_set,
 )
@@ -32,6 +43,7 @@ from mnist_adder.postfit.not_digit import (
     DetectorFit,
     as_files,
     as_pixels,
+    fit_not_digit_detector,
     fitting_fonts,
     model_input,
     net_outputs,
@@ -201,6 +213,116 @@ def measure(
         "examples": [str(p) for p in examples],
         "methods": results,
     }
+
+
+def _selective(right: torch.Tensor, scores: torch.Tensor, points: int = 21) -> list[dict[str, float]]:
+    """Accuracy among the accepted against the share accepted, accepting the lowest scores first."""
+    order = scores.argsort()
+    correct = right[order].double().cumsum(0)
+    rows = []
+    for share in torch.linspace(1 / points, 1, points - 1).tolist():
+        count = max(1, round(share * len(order)))
+        rows.append({"accepted": count / len(order), "accuracy": float(correct[count - 1] / count)})
+    return rows
+
+
+def _digits_report(right: torch.Tensor, scores: torch.Tensor, cut: float) -> dict[str, Any]:
+    accepted = scores <= cut
+    refused = ~accepted
+    return {
+        "images": len(right),
+        "accepted": _share(accepted),
+        "accuracy_all": _share(right),
+        "accuracy_accepted": _share(right[accepted]),
+        "refused_read_wrong": _share(~right[refused]),
+    }
+
+
+def unseen_families(
+    net: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    accept: float = DEFAULT_ACCEPT,
+    fit: DetectorFit = DEFAULT_FIT,
+    seed: int = 0,
+    per_kind: int = 400,
+    digits: int = 2000,
+) -> dict[str, Any]:
+    """The detector on families it was not fitted to (see the module): not-digits leave-one-family-out
+    (`per_kind` of each, from `seed`; the net's detector is refitted once per family and put back after),
+    and `digits` MNIST test digits re-drawn as `DIGIT_RENDERINGS` with the checkpoint's own detector.
+    Returns the report written to not_digits_unseen.json."""
+    if not net.not_digit.fitted:
+        raise ValueError("the net has no fitted detector to measure")
+    not_digits = not_digit_set(seed=seed, per_kind=per_kind, letter_repeats=max(1, per_kind // 50))
+    kinds = np.array(not_digits.kinds)
+    fonts = font_files() or [DEFAULT_FONT]
+    unfitted_fonts = [f for f in fonts if f not in set(fitting_fonts(fonts))] or fonts
+    test_images, test_labels = test
+    rendered, labels = digit_rendering_set(
+        as_pixels(test_images[:digits]), test_labels[:digits].cpu(), unfitted_fonts, seed=seed
+    )
+    outputs = net_outputs(net, model_input(rendered.pixels))
+    right = outputs["probs"].argmax(dim=1) == labels
+    cut = float(net.not_digit.threshold)
+    renderings = {}
+    for rendering in DIGIT_RENDERINGS:
+        mask = torch.from_numpy(np.array(rendered.kinds) == rendering)
+        renderings[rendering] = _digits_report(right[mask], outputs["not_digit"][mask], cut)
+    mnist = net_outputs(net, model_input(as_files(as_pixels(test_images[:digits]))))
+    mnist_right = mnist["probs"].argmax(dim=1) == test_labels[:digits].cpu()
+
+    saved = {name: value.clone() for name, value in net.not_digit.state_dict().items()}
+    families = {}
+    try:
+        for family in NOT_DIGIT_KINDS:
+            refit = fit_not_digit_detector(net, train, val, accept, fit, leave_out=(family,))
+            scores = net_outputs(net, model_input(not_digits.pixels[torch.from_numpy(kinds == family)]))
+            families[family] = {
+                "images": int((kinds == family).sum()),
+                "refused": _share(scores["not_digit"] > refit["threshold"]),
+            }
+    finally:
+        net.not_digit.load_state_dict(saved)
+    return {
+        "seed": seed,
+        "accept": accept,
+        "threshold": cut,
+        "not_digits_left_out": families,
+        "not_digits_refused_mean": float(np.mean([f["refused"] for f in families.values()])),
+        "digit_renderings": renderings,
+        "fonts_typed": [font_name(f) for f in unfitted_fonts],
+        "mnist_test_files": _digits_report(mnist_right, mnist["not_digit"], cut),
+        "selective": {
+            "all renderings": _selective(right, outputs["not_digit"]),
+            "MNIST test files": _selective(mnist_right, mnist["not_digit"]),
+        },
+    }
+
+
+def format_unseen_families(report: dict[str, Any]) -> str:
+    """`unseen_families`'s report as two tables for people."""
+    lines = [f"{'not-digit family, left out of the fit':<40}{'images':>8}{'refused':>10}", "-" * 58]
+    for family, row in report["not_digits_left_out"].items():
+        lines.append(f"{family:<40}{row['images']:>8}{_percent(row['refused']):>10}")
+    lines.append(f"{'mean over families':<40}{'':>8}{_percent(report['not_digits_refused_mean']):>10}")
+    columns = ("images", "accepted", "acc. all", "acc. accepted", "refused: wrong")
+    lines += ["", f"{'digits (no fit sees these)':<28}" + "".join(f"{c:>15}" for c in columns), "-" * 103]
+    rows = {**report["digit_renderings"], "MNIST test, as 28x28 files": report["mnist_test_files"]}
+    for name, row in rows.items():
+        cells = (
+            str(row["images"]),
+            _percent(row["accepted"]),
+            _percent(row["accuracy_all"]),
+            _percent(row["accuracy_accepted"]),
+            _percent(row["refused_read_wrong"]),
+        )
+        lines.append(f"{name:<28}" + "".join(f"{c:>15}" for c in cells))
+    lines.append(
+        f"(the checkpoint's threshold {report['threshold']:.4g}; typed digits in fonts never fitted)"
+    )
+    return "\n".join(lines)
 
 
 def _percent(value: float) -> str:

@@ -31,6 +31,7 @@ from mnist_adder.data.not_digits import (
     font_name,
     not_digit_set,
     one_thread,
+    subset,
 )
 from mnist_adder.data.preprocess import to_mnist_pixels
 from mnist_adder.errors import UserError
@@ -223,10 +224,12 @@ def fit_not_digit_detector(
     val: tuple[torch.Tensor, torch.Tensor],
     accept: float = DEFAULT_ACCEPT,
     fit: DetectorFit = DEFAULT_FIT,
+    leave_out: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Fit `net.not_digit` (see the module) on the training split and set its threshold on the validation
     split; `train` and `val` are (normalised images [N, 1, 28, 28], labels [N]), `fit` how (the config
-    group `detector`). Returns what was fitted."""
+    group `detector`); `leave_out`: not-digit kinds (`NOT_DIGIT_KINDS`) kept out of the fit, to measure
+    the detector on a family it never saw. Returns what was fitted."""
     if not 0 < accept < 1:
         raise ValueError(f"accept must be a share between 0 and 1, not {accept}")
     if not hasattr(net.backbone, "features_and_logits"):
@@ -240,6 +243,8 @@ def fit_not_digit_detector(
     )
     fonts = tuple(fitting_fonts(font_files() or [DEFAULT_FONT]))
     not_digits = _fitting_not_digits(fit.seed, fit.per_kind, fit.letter_repeats, fonts)
+    if leave_out:
+        not_digits = subset(not_digits, [kind not in leave_out for kind in not_digits.kinds])
     digit_features = torch.cat(
         [net_outputs(net, images)["features"] for images in (train_images, model_input(photos.pixels))]
     )
