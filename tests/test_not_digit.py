@@ -311,7 +311,7 @@ def test_digit_renderings_keep_their_labels_and_are_the_same_from_the_same_seed(
 
 
 def test_unseen_families_refits_without_each_family_and_puts_the_detector_back(real_data_dir):
-    from mnist_adder.evaluation.not_digit import format_unseen_families, unseen_families
+    from mnist_adder.evaluation.not_digit import format_unseen_families, operating_points, unseen_families
 
     fit = DetectorFit(
         per_kind=20, letter_repeats=1, photos=60, threshold_photos=40, hidden_units=16, epochs=5
@@ -343,6 +343,12 @@ def test_unseen_families_refits_without_each_family_and_puts_the_detector_back(r
         sum(r["accuracy_all"] * r["images"] for r in report["digit_renderings"].values()) / 50
     )
     assert "mean over families" in format_unseen_families(report)
+    # At the detector's threshold: the share accepted of all renderings, and their accuracy then.
+    accepted, accuracy = operating_points(report)["all renderings"]
+    rows = report["digit_renderings"].values()
+    assert accepted == pytest.approx(sum(r["accepted"] * r["images"] for r in rows) / 50)
+    correct = sum(r["accuracy_accepted"] * r["accepted"] * r["images"] for r in rows if r["accepted"])
+    assert accuracy == pytest.approx(correct / (accepted * 50))
 
 
 @pytest.mark.slow
@@ -360,3 +366,4 @@ def test_eval_measures_the_detector_on_families_it_was_not_fitted_to(
     assert report["threshold"] == pytest.approx(float(module.net.not_digit.threshold))
     # A model of 200 steps reads MNIST test files well and its detector accepts nearly all of them.
     assert report["mnist_test_files"]["accuracy_all"] > 0.9 and report["mnist_test_files"]["accepted"] > 0.9
+    assert (run / "selective_prediction.png").is_file()

@@ -163,3 +163,25 @@ def reliability_diagram_figure(bins: dict[str, Sequence[float]], title: str) -> 
     axes, histogram = figure.subplots(2, 1, sharex=True, height_ratios=(4, 1))
     draw_reliability(axes, histogram, bins, title)
     return figure
+
+
+def selective_prediction_figure(
+    curves: dict[str, Sequence[dict[str, float]]], operating: dict[str, tuple[float, float]], title: str
+) -> Figure:
+    """Accuracy among the accepted digits against the share accepted, one line per set of digits
+    (`curves`: points {"accepted", "accuracy"}, accepting the lowest not-a-digit scores first), and the
+    detector's threshold on each (`operating`: (share accepted, accuracy accepted)). A good detector's
+    lines rise to the left: what it refuses first are the digits the net reads wrong."""
+    figure = Figure(figsize=(5.0, 3.6), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    for (name, points), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
+        axes.plot([p["accepted"] for p in points], [p["accuracy"] for p in points], color=color, label=name)
+        if name in operating:
+            axes.plot(*operating[name], "o", color=color)
+    axes.set_xlabel("share of digits accepted (lowest not-a-digit scores first)")
+    axes.set_ylabel("accuracy among the accepted")
+    axes.set_xlim(0, 1.02)
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, title="dots: the detector's threshold", title_fontsize=8)
+    return figure

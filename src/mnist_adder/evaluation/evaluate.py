@@ -22,6 +22,7 @@ from mnist_adder.evaluation.not_digit import (
     format_not_digits,
     format_unseen_families,
     measure,
+    operating_points,
     unseen_families,
 )
 from mnist_adder.evaluation.robustness import evaluate_robustness, format_robustness
@@ -29,7 +30,7 @@ from mnist_adder.inference.checkpoint import evaluation_trainer, load_given_chec
 from mnist_adder.inference.predict import reject_threshold
 from mnist_adder.postfit.fit import detector_fit
 from mnist_adder.postfit.not_digit import DEFAULT_ACCEPT, fit_not_digit_detector
-from mnist_adder.render import reliability_diagram_figure
+from mnist_adder.render import reliability_diagram_figure, selective_prediction_figure
 from mnist_adder.results import format_per_class, format_results, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ def _not_digits_unseen(cfg: DictConfig, module: Any, datamodule: Any) -> None:
     )
     report = {"ckpt_path": str(Path(cfg.ckpt_path).resolve()), **report}
     write_json_atomic(Path(cfg.paths.output_dir) / "not_digits_unseen.json", report)
+    operating = operating_points(report)
+    figure = selective_prediction_figure(report["selective"], operating, "Digits the detector accepts")
+    figure.savefig(Path(cfg.paths.output_dir) / "selective_prediction.png")
     log.info("Not a digit, on families it was not fitted to:\n%s", format_unseen_families(report))
 
 

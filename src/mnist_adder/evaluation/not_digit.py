@@ -301,6 +301,22 @@ def unseen_families(
     }
 
 
+def operating_points(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """(share accepted, accuracy among the accepted) at the detector's threshold, for the curves of
+    `unseen_families`'s report (`selective`): all renderings together, and the MNIST test files."""
+    rows = report["digit_renderings"].values()
+    accepted = sum(r["accepted"] * r["images"] for r in rows)
+    right = sum(r["accuracy_accepted"] * r["accepted"] * r["images"] for r in rows if r["accepted"] > 0)
+    mnist = report["mnist_test_files"]
+    return {
+        "all renderings": (
+            accepted / sum(r["images"] for r in rows),
+            right / accepted if accepted else float("nan"),
+        ),
+        "MNIST test files": (mnist["accepted"], mnist["accuracy_accepted"]),
+    }
+
+
 def format_unseen_families(report: dict[str, Any]) -> str:
     """`unseen_families`'s report as two tables for people."""
     lines = [f"{'not-digit family, left out of the fit':<40}{'images':>8}{'refused':>10}", "-" * 58]
