@@ -259,19 +259,18 @@ def unseen_families(
     kinds = np.array(not_digits.kinds)
     fonts = font_files() or [DEFAULT_FONT]
     unfitted_fonts = [f for f in fonts if f not in set(fitting_fonts(fonts))] or fonts
-    test_images, test_labels = test
-    rendered, labels = digit_rendering_set(
-        as_pixels(test_images[:digits]), test_labels[:digits].cpu(), unfitted_fonts, seed=seed
-    )
+    test_pixels, test_labels = as_pixels(test[0][:digits]), test[1][:digits].cpu()
+    rendered, labels = digit_rendering_set(test_pixels, test_labels, unfitted_fonts, seed=seed)
     outputs = net_outputs(net, model_input(rendered.pixels))
     right = outputs["probs"].argmax(dim=1) == labels
     cut = float(net.not_digit.threshold)
+    rendered_kinds = np.array(rendered.kinds)
     renderings = {}
     for rendering in DIGIT_RENDERINGS:
-        mask = torch.from_numpy(np.array(rendered.kinds) == rendering)
+        mask = torch.from_numpy(rendered_kinds == rendering)
         renderings[rendering] = _digits_report(right[mask], outputs["not_digit"][mask], cut)
-    mnist = net_outputs(net, model_input(as_files(as_pixels(test_images[:digits]))))
-    mnist_right = mnist["probs"].argmax(dim=1) == test_labels[:digits].cpu()
+    mnist = net_outputs(net, model_input(as_files(test_pixels)))
+    mnist_right = mnist["probs"].argmax(dim=1) == test_labels
 
     saved = {name: value.clone() for name, value in net.not_digit.state_dict().items()}
     families = {}
@@ -292,6 +291,7 @@ def unseen_families(
         "not_digits_left_out": families,
         "not_digits_refused_mean": float(np.mean([f["refused"] for f in families.values()])),
         "digit_renderings": renderings,
+        "all_renderings": _digits_report(right, outputs["not_digit"], cut),
         "fonts_typed": [font_name(f) for f in unfitted_fonts],
         "mnist_test_files": _digits_report(mnist_right, mnist["not_digit"], cut),
         "selective": {
@@ -304,16 +304,9 @@ def unseen_families(
 def operating_points(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """(share accepted, accuracy among the accepted) at the detector's threshold, for the curves of
     `unseen_families`'s report (`selective`): all renderings together, and the MNIST test files."""
-    rows = report["digit_renderings"].values()
-    accepted = sum(r["accepted"] * r["images"] for r in rows)
-    right = sum(r["accuracy_accepted"] * r["accepted"] * r["images"] for r in rows if r["accepted"] > 0)
-    mnist = report["mnist_test_files"]
     return {
-        "all renderings": (
-            accepted / sum(r["images"] for r in rows),
-            right / accepted if accepted else float("nan"),
-        ),
-        "MNIST test files": (mnist["accepted"], mnist["accuracy_accepted"]),
+        name: (report[key]["accepted"], report[key]["accuracy_accepted"])
+        for name, key in (("all renderings", "all_renderings"), ("MNIST test files", "mnist_test_files"))
     }
 
 

@@ -21,10 +21,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from mnist_adder.classes import NUM_DIGITS
 from mnist_adder.data.mnist import MNIST_MEAN, MNIST_STD
 from mnist_adder.errors import UserError
 from mnist_adder.inference.checkpoint import HOW_TO_GET_ONE, load_checkpoint
+from mnist_adder.models.digit_sum import DigitSumNet
 
 INPUT_NAMES = ("image", "number_onehot")
 # The two heads first, as they always were; "not a digit" after them.
@@ -74,12 +74,9 @@ ADDITION_PROPS = {
 }
 
 
-def _example_inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(batch, 1, 28, 28), torch.eye(NUM_DIGITS)[torch.arange(batch) % NUM_DIGITS]
-
-
 def _inputs_of(net: nn.Module) -> tuple[torch.Tensor, ...]:
-    return (torch.zeros(2, 1, 28, 28),) if isinstance(net, ExportedBackbone) else _example_inputs()
+    image, number_onehot = DigitSumNet.example_inputs()
+    return (image,) if isinstance(net, ExportedBackbone) else (image, number_onehot)
 
 
 def _digit_sum_props(net: nn.Module) -> dict[str, str]:
